@@ -1,0 +1,230 @@
+//! The only module with `unsafe`: the few calls that neither `std` nor `rustix` offers safely.
+//!
+//! The contract of each function is in its doc comment; each `unsafe` block says why it holds.
+//! Everything else in the crate goes through `rustix` (sockets, `sendmsg`/`recvmsg`, epoll,
+//! `waitpid`, `kill`, `prctl`) or `std`.
+//!
+//! | function | wraps | why it is here |
+//! |---|---|---|
+//! | [`fork`] | `fork(2)` | `rustix` does not expose a process-level fork |
+//! | [`SignalSet`] | `sigprocmask(2)`, `signalfd(2)` | not in `rustix` outside its `runtime` module |
+//! | [`SharedSlots`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)` | turning the mapping into `&[AtomicU64]` |
+//! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
+
+#![allow(unsafe_code)]
+
+use core::sync::atomic::AtomicU64;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use crate::error::{Error, Result};
+
+/// What [`fork`] returned in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forked {
+    /// We are the parent; the child's pid.
+    Parent(rustix::process::Pid),
+    /// We are the new child.
+    Child,
+}
+
+/// Counts this process's threads (`/proc/self/task`).
+pub(crate) fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1)
+}
+
+/// `fork(2)`.
+///
+/// The caller must make sure the process has one thread (the crate checks this when the cluster
+/// starts): the child then is a faithful copy and may allocate, lock and run any code.
+pub(crate) fn fork() -> Result<Forked> {
+    // SAFETY: fork has no memory-safety preconditions of its own. The hazard of forking a
+    // multi-threaded process (locks held by threads that do not exist in the child) is ruled out
+    // by the single-thread check in `Builder::start`, and the child gets a copy of all memory, so
+    // every reference stays valid in both processes.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(Error::os(
+            "fork",
+            rustix::io::Errno::from_raw_os_error(errno()),
+        )),
+        0 => Ok(Forked::Child),
+        // A positive pid is never zero.
+        n => Ok(Forked::Parent(
+            rustix::process::Pid::from_raw(n).ok_or(Error::Invalid("fork returned pid 0"))?,
+        )),
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Leaves the process at once with `code`, without atexit handlers or stdio flushing (for a
+/// child whose parent state must not run twice).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// A set of signals, blocked in this process and read from a `signalfd`.
+pub(crate) struct SignalSet {
+    set: libc::sigset_t,
+    old: libc::sigset_t,
+}
+
+impl SignalSet {
+    /// A set of the given signal numbers.
+    pub(crate) fn new(signals: &[i32]) -> Self {
+        // SAFETY: an all-zero `sigset_t` is a valid value to hand to sigemptyset, which then
+        // initializes it; `sigaddset` with a valid signal number only sets a bit.
+        unsafe {
+            let mut set: libc::sigset_t = core::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &s in signals {
+                libc::sigaddset(&mut set, s);
+            }
+            SignalSet {
+                set,
+                old: core::mem::zeroed(),
+            }
+        }
+    }
+
+    /// Blocks the set (`sigprocmask(SIG_BLOCK)`), remembering the previous mask, and returns a
+    /// nonblocking, close-on-exec `signalfd` that reads them.
+    pub(crate) fn block_and_open(&mut self) -> Result<OwnedFd> {
+        // SAFETY: both pointers are to live `sigset_t` values owned by `self`.
+        let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &self.set, &mut self.old) };
+        if rc != 0 {
+            return Err(Error::os(
+                "sigprocmask",
+                rustix::io::Errno::from_raw_os_error(errno()),
+            ));
+        }
+        // SAFETY: -1 asks for a new fd; the mask pointer is valid for the call.
+        let fd = unsafe { libc::signalfd(-1, &self.set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            let e = errno();
+            self.restore();
+            return Err(Error::os(
+                "signalfd",
+                rustix::io::Errno::from_raw_os_error(e),
+            ));
+        }
+        // SAFETY: signalfd returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Restores the mask that was in force before [`block_and_open`](Self::block_and_open).
+    pub(crate) fn restore(&self) {
+        // SAFETY: `old` is a valid `sigset_t` (zeroed or filled by sigprocmask).
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.old, core::ptr::null_mut()) };
+    }
+}
+
+/// Resets a forked child's signal state: every signal's disposition back to `SIG_DFL` except
+/// those the process ignored at the time the cluster started, and an empty signal mask.
+pub(crate) fn reset_child_signals(ignored: &[i32]) {
+    // SAFETY: sigaction with a zeroed struct and SIG_DFL handler is valid for every catchable
+    // signal; SIGKILL/SIGSTOP and out-of-range numbers fail with EINVAL, which is ignored.
+    // sigprocmask with an empty set is always valid.
+    unsafe {
+        let mut dfl: libc::sigaction = core::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..libc::SIGRTMIN() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP || ignored.contains(&sig) {
+                continue;
+            }
+            libc::sigaction(sig, &dfl, core::ptr::null_mut());
+        }
+        let mut empty: libc::sigset_t = core::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, core::ptr::null_mut());
+    }
+}
+
+/// Whether `sig` is ignored (`SIG_IGN`) in this process now.
+pub(crate) fn is_ignored(sig: i32) -> bool {
+    // SAFETY: a null new action only queries; `old` is a valid out-pointer.
+    unsafe {
+        let mut old: libc::sigaction = core::mem::zeroed();
+        libc::sigaction(sig, core::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// A shared, anonymous mapping of `u64` counters, made before fork so that primary and workers
+/// see the same memory. Pages are only backed once written.
+pub(crate) struct SharedSlots {
+    ptr: *mut AtomicU64,
+    len: usize,
+}
+
+impl SharedSlots {
+    /// Maps `len` zeroed counters.
+    pub(crate) fn new(len: usize) -> Result<Self> {
+        let bytes = len.max(1) * core::mem::size_of::<AtomicU64>();
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                core::ptr::null_mut(),
+                bytes,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+            )
+        }
+        .map_err(|e| Error::os("mmap", e))?;
+        Ok(SharedSlots {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The counters.
+    pub(crate) fn slots(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is `len` page-aligned, zero-initialized `u64`s, valid for the life
+        // of `self`; `AtomicU64` has the layout of `u64`, and every access is atomic, so writes
+        // by other processes sharing the pages are not data races.
+        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SharedSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region mapped in `new`; no reference outlives `self`.
+        unsafe {
+            let _ = rustix::mm::munmap(
+                self.ptr.cast(),
+                self.len.max(1) * core::mem::size_of::<AtomicU64>(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::sync::atomic::Ordering;
+
+    #[test]
+    fn shared_slots_are_shared_across_fork() {
+        let s = SharedSlots::new(4).unwrap();
+        match fork().unwrap() {
+            Forked::Child => {
+                s.slots()[2].store(42, Ordering::Release);
+                exit_now(0);
+            }
+            Forked::Parent(pid) => {
+                let (_, st) =
+                    rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+                        .unwrap()
+                        .unwrap();
+                assert_eq!(st.exit_status(), Some(0));
+                assert_eq!(s.slots()[2].load(Ordering::Acquire), 42);
+            }
+        }
+    }
+}
