@@ -1,0 +1,230 @@
+//! Shared test helpers: a fork-per-test runner, deadlines, fd counting, child cleanup.
+//!
+//! Why a runner of our own (`harness = false`): libtest runs every test on a spawned thread, and
+//! a forking primary needs a single-threaded process (a blocked SIGCHLD must not be delivered to
+//! another thread that does not block it, and `fork` is only sound without other threads). So each
+//! test runs in its own forked child of a single-threaded runner, under `alarm()` so that a hung
+//! test is killed, and the runner reaps it. Workers a test forks die with it (`PR_SET_PDEATHSIG`).
+//!
+//! Output follows libtest's: `test NAME ... ok`, and a closing
+//! `test result: ok. N passed; M failed; ...` line.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// One test: its name, its time limit in seconds, and the function.
+pub struct Test {
+    pub name: &'static str,
+    pub secs: u32,
+    pub f: fn(),
+}
+
+/// Declares a list of tests for [`run`]: `tests![a, b => 30, c]` (`=> secs` overrides the
+/// default 20 s limit).
+#[macro_export]
+macro_rules! tests {
+    ($($name:ident $(=> $secs:expr)?),* $(,)?) => {
+        &[$($crate::util::Test { name: stringify!($name), secs: { let _s = 20; $(let _s = $secs;)? _s }, f: $name }),*]
+    };
+}
+
+/// Runs `tests` (filtered by the command line's first free argument, as libtest does), each in a
+/// forked child with its time limit, and exits with 0 when all pass.
+pub fn run(tests: &[Test]) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for t in tests {
+            println!("{}: test", t.name);
+        }
+        std::process::exit(0);
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    let filter = args.iter().find(|a| !a.starts_with("--")).cloned();
+    let selected: Vec<&Test> = tests
+        .iter()
+        .filter(|t| match &filter {
+            Some(f) if exact => t.name == f,
+            Some(f) => t.name.contains(f.as_str()),
+            None => true,
+        })
+        .collect();
+    let start = Instant::now();
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed) = (0, 0);
+    let mut failures = Vec::new();
+    for t in &selected {
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        let t0 = Instant::now();
+        // SAFETY (test code): the runner is single-threaded.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // Own process group, so the runner can kill everything the test left behind.
+            unsafe { libc::setpgid(0, 0) };
+            unsafe { libc::alarm(t.secs) };
+            let ok = std::panic::catch_unwind(t.f).is_ok();
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            unsafe { libc::_exit(if ok { 0 } else { 101 }) };
+        }
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // Anything the test left in its process group goes now.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        let how = if ok {
+            "ok".to_string()
+        } else if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGALRM {
+            format!("FAILED (timed out after {} s)", t.secs)
+        } else if libc::WIFSIGNALED(status) {
+            format!("FAILED (signal {})", libc::WTERMSIG(status))
+        } else {
+            format!("FAILED (exit {})", libc::WEXITSTATUS(status))
+        };
+        println!("test {} ... {} ({:.2}s)", t.name, how, t0.elapsed().as_secs_f64());
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+            failures.push(t.name);
+        }
+    }
+    if !failures.is_empty() {
+        println!("\nfailures:");
+        for f in &failures {
+            println!("    {f}");
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out; finished in {:.2}s\n",
+        if failed == 0 { "ok" } else { "FAILED" },
+        passed,
+        failed,
+        tests.len() - selected.len(),
+        start.elapsed().as_secs_f64()
+    );
+    std::process::exit(if failed == 0 { 0 } else { 101 });
+}
+
+/// Polls `cond` every 5 ms until it is true or `limit` passes; returns whether it became true.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The fds open in process `pid` (`/proc/PID/fd`), as `(fd, link target)`.
+pub fn fds_of(pid: i32) -> Vec<(i32, String)> {
+    let mut v: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+                    Some((fd, target))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The number of fds open in this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Whether `fd` has close-on-exec set.
+pub fn is_cloexec(fd: &impl AsRawFd) -> bool {
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    flags >= 0 && flags & libc::FD_CLOEXEC != 0
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            // state is the field after the parenthesized comm
+            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("X");
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}
+
+/// The pids of this process's children (from `/proc/*/stat` ppid).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                let mut it = s.rsplit(')').next().unwrap_or("").split_whitespace();
+                let _state = it.next();
+                if it.next().and_then(|pp| pp.parse::<i32>().ok()) == Some(pid) {
+                    v.push(p);
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Kills `pid` on drop (a child the test started), then reaps it.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            let mut st = 0;
+            libc::waitpid(self.0, &mut st, 0);
+        }
+    }
+}
+
+/// Forks a child that runs `f` and exits with its return value. The child is single-threaded
+/// (the runner is), so it may do anything.
+pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+    let _ = std::io::stdout().flush();
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+        unsafe { libc::_exit(code) };
+    }
+    pid
+}
+
+/// Waits for child `pid` for at most `limit`; returns its raw wait status, or kills it and panics.
+pub fn wait_child(pid: i32, limit: Duration) -> i32 {
+    let end = Instant::now() + limit;
+    loop {
+        let mut st = 0;
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return st;
+        }
+        if Instant::now() >= end {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut st, 0);
+            }
+            panic!("child {pid} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
