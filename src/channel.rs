@@ -69,6 +69,13 @@ impl RecvBuf {
     }
 }
 
+impl RecvBuf {
+    /// The payload of the last frame received into this buffer, `len` bytes long.
+    pub(crate) fn payload(&self, len: usize) -> &[u8] {
+        &self.data[HEADER_LEN..HEADER_LEN + len.min(MAX_FRAME - HEADER_LEN)]
+    }
+}
+
 impl Default for RecvBuf {
     fn default() -> Self {
         Self::new()

@@ -1,0 +1,443 @@
+//! The builder: settings, listeners, and the fork of the first workers.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Call, Error, Result};
+use crate::primary::Primary;
+use crate::worker::Worker;
+
+/// The most listeners one cluster may have.
+pub const MAX_LISTENERS: usize = 16;
+/// The most connections the primary hands one worker before it acknowledges them.
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// How connections reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// The primary accepts each connection and passes its fd to the next ready worker
+    /// (Node's `SCHED_RR`, the default). Each worker holds at most
+    /// [`Builder::max_in_flight`] unacknowledged connections, so a stuck worker stops getting
+    /// work; a connection whose worker dies before taking it goes to another worker.
+    #[default]
+    RoundRobin,
+    /// Every worker accepts on the listener it inherited (Node's `SCHED_NONE`); the kernel
+    /// picks which worker (one wakeup per connection: `EPOLLEXCLUSIVE`).
+    Shared,
+}
+
+/// The address a listener is bound to.
+#[derive(Debug, Clone)]
+pub enum ListenAddr {
+    /// A TCP socket (IPv4 or IPv6).
+    Tcp(SocketAddr),
+    /// A Unix stream socket.
+    Unix(std::os::unix::net::SocketAddr),
+}
+
+impl core::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(a) => match a.as_pathname() {
+                Some(p) => write!(f, "unix:{}", p.display()),
+                None => f.write_str("unix:(unnamed)"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    Tcp,
+    Unix,
+}
+
+/// A bound, listening socket of the cluster.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    pub(crate) fd: OwnedFd,
+    pub(crate) family: Family,
+    pub(crate) addr: ListenAddr,
+    /// A Unix path this cluster created and removes when the primary is dropped.
+    pub(crate) unlink: Option<PathBuf>,
+}
+
+enum Spec {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    Bound(OwnedFd, Family),
+}
+
+/// Settings of the supervisor (see [`Builder`] for each).
+#[derive(Debug, Clone)]
+pub(crate) struct Supervision {
+    pub(crate) respawn: bool,
+    pub(crate) fatal_exit_code: Option<i32>,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) healthy_uptime: Duration,
+    pub(crate) graceful_timeout: Duration,
+    pub(crate) fast_timeout: Duration,
+    pub(crate) restart_batch: usize,
+    pub(crate) hang_timeout: Option<Duration>,
+    pub(crate) max_requests: Option<(u64, u64)>,
+    pub(crate) signals: bool,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            respawn: true,
+            fatal_exit_code: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            healthy_uptime: Duration::from_secs(1),
+            graceful_timeout: Duration::from_secs(30),
+            fast_timeout: Duration::from_secs(1),
+            restart_batch: 1,
+            hang_timeout: None,
+            max_requests: None,
+            signals: true,
+        }
+    }
+}
+
+/// What the worker function returns becomes the worker's exit code.
+///
+/// `()` is 0, an `i32` is itself, `Ok` is its value's code and `Err(e)` prints `Error: {e:?}` on
+/// stderr, as `main` does, and is 1.
+pub trait ExitCode {
+    /// The exit code.
+    fn code(self) -> i32;
+}
+
+impl ExitCode for () {
+    fn code(self) -> i32 {
+        0
+    }
+}
+
+impl ExitCode for i32 {
+    fn code(self) -> i32 {
+        self
+    }
+}
+
+impl<T: ExitCode, E: core::fmt::Debug> ExitCode for core::result::Result<T, E> {
+    fn code(self) -> i32 {
+        match self {
+            Ok(t) => t.code(),
+            Err(e) => {
+                eprintln!("Error: {e:?}");
+                1
+            }
+        }
+    }
+}
+
+pub(crate) type WorkerFn = Box<dyn FnMut(Worker) -> i32>;
+
+/// Builds and starts a cluster.
+///
+/// # Example
+///
+/// ```no_run
+/// use forkcluster::{Cluster, Event, Next};
+/// use std::io::Write;
+///
+/// let mut primary = Cluster::builder()
+///     .listen("127.0.0.1:8080".parse()?)
+///     .workers(2)
+///     .start(|mut worker| -> forkcluster::Result<()> {
+///         while let Some(next) = worker.next()? {
+///             match next {
+///                 Next::Connection(mut conn) => {
+///                     let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+///                 }
+///                 Next::Message(_) => {}
+///                 Next::Disconnect => break,
+///             }
+///         }
+///         Ok(())
+///     })?;
+/// while let Some(event) = primary.next_event()? {
+///     eprintln!("{event}");
+/// }
+/// # Ok::<(), forkcluster::Error>(())
+/// ```
+pub struct Builder {
+    specs: Vec<Spec>,
+    workers: Option<usize>,
+    schedule: Schedule,
+    in_flight: usize,
+    max_workers: usize,
+    nonblocking: bool,
+    backlog: i32,
+    env: Vec<(String, String)>,
+    sup: Supervision,
+}
+
+/// Entry point: `Cluster::builder()`.
+pub struct Cluster;
+
+impl Cluster {
+    /// A builder with the defaults: one worker per available CPU, round-robin, no listener.
+    pub fn builder() -> Builder {
+        Builder {
+            specs: Vec::new(),
+            workers: None,
+            schedule: Schedule::RoundRobin,
+            in_flight: 8,
+            max_workers: 1024,
+            nonblocking: false,
+            backlog: 511,
+            env: Vec::new(),
+            sup: Supervision::default(),
+        }
+    }
+}
+
+impl Builder {
+    /// Listens on a TCP address (IPv4 or IPv6; port 0 picks one port that every worker shares).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.specs.push(Spec::Tcp(addr));
+        self
+    }
+
+    /// Listens on a Unix stream socket at `path` (removed again when the primary is dropped).
+    pub fn listen_unix(mut self, path: impl AsRef<Path>) -> Self {
+        self.specs.push(Spec::Unix(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Uses a TCP listener the application bound itself.
+    pub fn tcp_listener(mut self, l: TcpListener) -> Self {
+        self.specs.push(Spec::Bound(l.into(), Family::Tcp));
+        self
+    }
+
+    /// Uses a Unix listener the application bound itself.
+    pub fn unix_listener(mut self, l: UnixListener) -> Self {
+        self.specs.push(Spec::Bound(l.into(), Family::Unix));
+        self
+    }
+
+    /// Uses any listening stream socket (TCP or Unix; the family is read from the socket).
+    pub fn listener_fd(mut self, fd: OwnedFd) -> Self {
+        let family = match rustix::net::getsockname(&fd).map(|a| a.address_family()) {
+            Ok(rustix::net::AddressFamily::UNIX) => Family::Unix,
+            _ => Family::Tcp,
+        };
+        self.specs.push(Spec::Bound(fd, family));
+        self
+    }
+
+    /// How many workers to fork (default: `std::thread::available_parallelism()`).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// How connections reach workers (default [`Schedule::RoundRobin`]).
+    pub fn schedule(mut self, s: Schedule) -> Self {
+        self.schedule = s;
+        self
+    }
+
+    /// Round-robin: connections one worker may hold unacknowledged (1..=[`MAX_IN_FLIGHT`],
+    /// default 8; Node's is 1).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n;
+        self
+    }
+
+    /// The size of the worker table (default 1024): workers alive at once, at most.
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = n;
+        self
+    }
+
+    /// Hand connections to workers in nonblocking mode (`O_NONBLOCK`), for workers with their
+    /// own poll loop; saves them an `fcntl` per connection. Default: blocking, as `accept` gives.
+    pub fn nonblocking_streams(mut self, yes: bool) -> Self {
+        self.nonblocking = yes;
+        self
+    }
+
+    /// The listen backlog of the listeners the cluster binds (default 511, as Node and nginx).
+    pub fn backlog(mut self, n: i32) -> Self {
+        self.backlog = n;
+        self
+    }
+
+    /// Sets an environment variable in every worker (Node's `cluster.fork(env)`); see also
+    /// [`Primary::fork_with_env`].
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Fork a worker again when it exits without being asked to (default on). Off is Node's
+    /// manual mode.
+    pub fn respawn(mut self, yes: bool) -> Self {
+        self.sup.respawn = yes;
+        self
+    }
+
+    /// A worker exit code that means "do not restart me" (nginx uses 2): reported, not respawned.
+    pub fn fatal_exit_code(mut self, code: i32) -> Self {
+        self.sup.fatal_exit_code = Some(code);
+        self
+    }
+
+    /// Crash-loop backoff: a worker that dies before `healthy_uptime` (default 1 s) is respawned
+    /// after a delay that doubles from `min` (100 ms) up to `max` (10 s); healthy uptime resets it.
+    pub fn backoff(mut self, min: Duration, max: Duration, healthy_uptime: Duration) -> Self {
+        self.sup.backoff_min = min;
+        self.sup.backoff_max = max.max(min);
+        self.sup.healthy_uptime = healthy_uptime;
+        self
+    }
+
+    /// Graceful stop: how long workers may take to finish before SIGKILL (default 30 s).
+    pub fn graceful_timeout(mut self, d: Duration) -> Self {
+        self.sup.graceful_timeout = d;
+        self
+    }
+
+    /// Fast stop: how long after SIGTERM before SIGKILL (default 1 s).
+    pub fn fast_timeout(mut self, d: Duration) -> Self {
+        self.sup.fast_timeout = d;
+        self
+    }
+
+    /// Rolling restart: workers replaced at a time (default 1).
+    pub fn restart_batch(mut self, n: usize) -> Self {
+        self.sup.restart_batch = n.max(1);
+        self
+    }
+
+    /// A worker whose heartbeat does not move for `d` while it is busy gets SIGABRT, then
+    /// SIGKILL a second later, and is replaced (default off). Workers beat on every
+    /// [`Worker::next`]/[`Worker::try_next`] and [`Worker::heartbeat`].
+    pub fn hang_timeout(mut self, d: Duration) -> Self {
+        self.sup.hang_timeout = Some(d);
+        self
+    }
+
+    /// Recycle a worker after it handled `n` connections, plus a random jitter of up to
+    /// `jitter`, so that workers do not restart together. Its replacement is listening before it
+    /// is disconnected.
+    pub fn max_requests(mut self, n: u64, jitter: u64) -> Self {
+        self.sup.max_requests = Some((n.max(1), jitter));
+        self
+    }
+
+    /// Whether the primary handles the usual signals (default on): TERM and QUIT stop
+    /// gracefully, INT stops fast, HUP restarts the workers one by one, TTIN/TTOU add or remove a
+    /// worker. Off leaves them to the application; SIGCHLD is always the cluster's.
+    pub fn handle_signals(mut self, yes: bool) -> Self {
+        self.sup.signals = yes;
+        self
+    }
+
+    /// Binds the listeners, forks the workers, and returns the primary.
+    ///
+    /// Each worker runs `worker` in its own process and exits with its result (see
+    /// [`ExitCode`]); this call returns only in the primary. The process must be
+    /// single-threaded: start the cluster before spawning threads.
+    pub fn start<F, R>(self, mut worker: F) -> Result<Primary>
+    where
+        F: FnMut(Worker) -> R + 'static,
+        R: ExitCode,
+    {
+        if crate::sys::thread_count() > 1 {
+            return Err(Error::Invalid(
+                "start the cluster before spawning threads: fork needs a single-threaded process",
+            ));
+        }
+        let n = match self.workers {
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        if n == 0 || n > self.max_workers {
+            return Err(Error::Invalid(
+                "worker count must be between 1 and max_workers",
+            ));
+        }
+        if self.in_flight == 0 || self.in_flight > MAX_IN_FLIGHT {
+            return Err(Error::Invalid(
+                "max_in_flight must be between 1 and MAX_IN_FLIGHT",
+            ));
+        }
+        if self.specs.len() > MAX_LISTENERS {
+            return Err(Error::Capacity("listeners"));
+        }
+        let mut listeners = Vec::with_capacity(self.specs.len());
+        for spec in self.specs {
+            listeners.push(bind(spec, self.backlog)?);
+        }
+        let settings = Settings {
+            schedule: self.schedule,
+            in_flight: self.in_flight,
+            max_workers: self.max_workers,
+            nonblocking: self.nonblocking,
+            env: self.env,
+            sup: self.sup,
+        };
+        Primary::start(settings, listeners, n, Box::new(move |w| worker(w).code()))
+    }
+}
+
+/// Everything the builder decided, handed to the primary.
+pub(crate) struct Settings {
+    pub(crate) schedule: Schedule,
+    pub(crate) in_flight: usize,
+    pub(crate) max_workers: usize,
+    pub(crate) nonblocking: bool,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) sup: Supervision,
+}
+
+fn bind(spec: Spec, backlog: i32) -> Result<Listener> {
+    let (fd, family, unlink) = match spec {
+        Spec::Tcp(addr) => (
+            OwnedFd::from(TcpListener::bind(addr).call("bind")?),
+            Family::Tcp,
+            None,
+        ),
+        Spec::Unix(path) => (
+            OwnedFd::from(UnixListener::bind(&path).call("bind")?),
+            Family::Unix,
+            Some(path),
+        ),
+        Spec::Bound(fd, family) => (fd, family, None),
+    };
+    rustix::net::listen(&fd, backlog).call("listen")?;
+    // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
+    // the shared schedule the workers race for each connection.
+    rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
+    let addr = local_addr(fd.as_fd(), family)?;
+    Ok(Listener {
+        fd,
+        family,
+        addr,
+        unlink,
+    })
+}
+
+fn local_addr(fd: std::os::fd::BorrowedFd<'_>, family: Family) -> Result<ListenAddr> {
+    let owned = fd.try_clone_to_owned().call("fcntl(F_DUPFD_CLOEXEC)")?;
+    Ok(match family {
+        Family::Tcp => ListenAddr::Tcp(TcpListener::from(owned).local_addr().call("getsockname")?),
+        Family::Unix => {
+            ListenAddr::Unix(UnixListener::from(owned).local_addr().call("getsockname")?)
+        }
+    })
+}

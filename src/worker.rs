@@ -1,0 +1,518 @@
+//! The worker side: the next connection, message or disconnect request; sending to the primary.
+
+use core::sync::atomic::Ordering;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+
+use arrayvec::ArrayVec;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::net::SocketFlags;
+
+use crate::channel::{Channel, RecvBuf};
+use crate::cluster::{Family, ListenAddr, Schedule, MAX_LISTENERS};
+use crate::error::{Call, Error, Result};
+use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
+use crate::sys::SharedSlots;
+
+/// Counters each worker keeps in the page it shares with the primary.
+pub(crate) const SLOT_WORDS: usize = 4;
+pub(crate) const W_BEAT: usize = 0;
+pub(crate) const W_CONNS: usize = 1;
+pub(crate) const W_MSGS: usize = 2;
+
+/// An accepted stream: TCP or Unix.
+#[derive(Debug)]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix stream connection.
+    Unix(UnixStream),
+}
+
+/// A connection handed to this worker, and the index of the listener that accepted it (in the
+/// order the builder's `listen*` calls named them).
+#[derive(Debug)]
+pub struct Connection {
+    /// The listener's index.
+    pub listener: usize,
+    /// The stream.
+    pub stream: Stream,
+}
+
+impl Connection {
+    /// The TCP stream, if this is a TCP connection.
+    pub fn into_tcp(self) -> Option<TcpStream> {
+        match self.stream {
+            Stream::Tcp(s) => Some(s),
+            Stream::Unix(_) => None,
+        }
+    }
+
+    /// The Unix stream, if this is a Unix connection.
+    pub fn into_unix(self) -> Option<UnixStream> {
+        match self.stream {
+            Stream::Unix(s) => Some(s),
+            Stream::Tcp(_) => None,
+        }
+    }
+}
+
+impl From<Connection> for OwnedFd {
+    fn from(c: Connection) -> OwnedFd {
+        match c.stream {
+            Stream::Tcp(s) => s.into(),
+            Stream::Unix(s) => s.into(),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.stream {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+        }
+    };
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        delegate!(self, s => s.read(buf))
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        delegate!(self, s => s.read_vectored(bufs))
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        delegate!(self, s => s.write(buf))
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        delegate!(self, s => s.write_vectored(bufs))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+/// A message from the primary: its bytes (borrowing the worker's receive buffer) and fds.
+#[derive(Debug)]
+pub struct Message<'a> {
+    /// The payload, at most [`MAX_PAYLOAD`] bytes.
+    pub payload: &'a [u8],
+    /// The fds that came with it (close-on-exec; dropping closes them).
+    pub fds: ArrayVec<OwnedFd, MAX_FDS>,
+}
+
+/// What a worker gets next.
+#[derive(Debug)]
+pub enum Next<'a> {
+    /// A connection to serve.
+    Connection(Connection),
+    /// A message from the primary.
+    Message(Message<'a>),
+    /// The primary asks this worker to stop taking work, finish what it has and return (or the
+    /// primary is gone). Returned once; afterwards [`Worker::next`] returns the messages still
+    /// queued and then `None`.
+    Disconnect,
+}
+
+struct WListener {
+    fd: Option<OwnedFd>,
+    family: Family,
+    addr: ListenAddr,
+}
+
+/// A worker's handle: its id, its channel to the primary, and (in the shared schedule) the
+/// listeners it accepts on.
+///
+/// A worker that serves one thing at a time loops on [`next`](Self::next). A worker with its own
+/// poll loop registers [`as_fd`](AsFd::as_fd) for readability and, whenever it is readable (and
+/// once at start), calls [`try_next`](Self::try_next) until it returns `None`.
+pub struct Worker {
+    id: u32,
+    chan: Channel,
+    rbuf: Box<RecvBuf>,
+    listeners: ArrayVec<WListener, MAX_LISTENERS>,
+    schedule: Schedule,
+    nonblocking: bool,
+    in_flight: u32,
+    epoll: Option<OwnedFd>,
+    seq: u32,
+    unacked: u32,
+    listening_sent: bool,
+    disconnecting: bool,
+    closed: bool,
+    next_listener: usize,
+    beats: u64,
+    shm: Rc<SharedSlots>,
+    slot: usize,
+}
+
+/// What the primary hands a new worker (in the child, after fork).
+pub(crate) struct WorkerInit {
+    pub(crate) id: u32,
+    pub(crate) chan: Channel,
+    pub(crate) listeners: Vec<(Option<OwnedFd>, Family, ListenAddr)>,
+    pub(crate) schedule: Schedule,
+    pub(crate) nonblocking: bool,
+    pub(crate) in_flight: u32,
+    pub(crate) shm: Rc<SharedSlots>,
+    pub(crate) slot: usize,
+}
+
+impl Worker {
+    pub(crate) fn new(init: WorkerInit) -> Result<Worker> {
+        let mut listeners = ArrayVec::new();
+        for (fd, family, addr) in init.listeners {
+            listeners.push(WListener { fd, family, addr });
+        }
+        let epoll = if init.schedule == Schedule::Shared && !listeners.is_empty() {
+            let ep = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
+            epoll::add(
+                &ep,
+                &init.chan,
+                epoll::EventData::new_u64(u64::MAX),
+                epoll::EventFlags::IN,
+            )
+            .call("epoll_ctl")?;
+            for (i, l) in listeners.iter().enumerate() {
+                if let Some(fd) = &l.fd {
+                    epoll::add(
+                        &ep,
+                        fd,
+                        epoll::EventData::new_u64(i as u64),
+                        epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE,
+                    )
+                    .call("epoll_ctl")?;
+                }
+            }
+            Some(ep)
+        } else {
+            None
+        };
+        let w = Worker {
+            id: init.id,
+            chan: init.chan,
+            rbuf: Box::new(RecvBuf::new()),
+            listeners,
+            schedule: init.schedule,
+            nonblocking: init.nonblocking,
+            in_flight: init.in_flight,
+            epoll,
+            seq: 0,
+            unacked: 0,
+            listening_sent: false,
+            disconnecting: false,
+            closed: false,
+            next_listener: 0,
+            beats: 0,
+            shm: init.shm,
+            slot: init.slot,
+        };
+        w.send_frame(&Frame::new(Kind::Online, 0, &[]), &[])?;
+        Ok(w)
+    }
+
+    /// This worker's id: 1 for the first worker, never reused while the primary lives.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// This worker's process id.
+    pub fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    /// The addresses of the cluster's listeners, by index.
+    pub fn listen_addrs(&self) -> impl Iterator<Item = &ListenAddr> {
+        self.listeners.iter().map(|l| &l.addr)
+    }
+
+    /// True once the primary asked this worker to disconnect (or is gone).
+    pub fn is_disconnecting(&self) -> bool {
+        self.disconnecting
+    }
+
+    /// Tells the primary this worker is alive and making progress. [`next`](Self::next) and
+    /// [`try_next`](Self::try_next) do it; call it from long jobs and from poll loops that wake
+    /// on a timeout, when the cluster has a [`hang_timeout`](crate::Builder::hang_timeout).
+    /// It is one store to shared memory: no system call.
+    #[inline]
+    pub fn heartbeat(&mut self) {
+        self.beat(false);
+    }
+
+    #[inline]
+    fn beat(&mut self, idle: bool) {
+        self.beats += 1;
+        self.shm.slots()[self.slot * SLOT_WORDS + W_BEAT]
+            .store(self.beats << 1 | idle as u64, Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn count(&self, which: usize) {
+        self.shm.slots()[self.slot * SLOT_WORDS + which].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends bytes to the primary (an [`Event::Message`](crate::Event::Message) there). Waits
+    /// while the channel is full.
+    pub fn send(&mut self, payload: &[u8]) -> Result<()> {
+        self.send_with_fds(payload, &[])
+    }
+
+    /// Sends bytes and up to [`MAX_FDS`] fds to the primary.
+    pub fn send_with_fds(&mut self, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::Capacity("message payload larger than MAX_PAYLOAD"));
+        }
+        if fds.len() > MAX_FDS {
+            return Err(Error::Capacity("more than MAX_FDS fds"));
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let f = Frame::new(Kind::Message, self.seq, payload).with_fds(fds.len() as u8);
+        self.chan.send(&f, fds)
+    }
+
+    fn send_frame(&self, f: &Frame<'_>, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.chan.send(f, fds)
+    }
+
+    fn flush_acks(&mut self) -> Result<()> {
+        if self.unacked > 0 && !self.closed {
+            let n = self.unacked;
+            self.unacked = 0;
+            let count = n.to_le_bytes();
+            match self.chan.send(&Frame::new(Kind::Ack, 0, &count), &[]) {
+                Ok(()) | Err(Error::Closed) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn announce(&mut self) -> Result<()> {
+        self.listening_sent = true;
+        for i in 0..self.listeners.len() {
+            let idx = (i as u16).to_le_bytes();
+            self.send_frame(&Frame::new(Kind::Listening, 0, &idx), &[])?;
+        }
+        Ok(())
+    }
+
+    fn stream(&self, fd: OwnedFd, listener: usize) -> Connection {
+        let family = self
+            .listeners
+            .get(listener)
+            .map_or(Family::Tcp, |l| l.family);
+        let stream = match family {
+            Family::Tcp => Stream::Tcp(TcpStream::from(fd)),
+            Family::Unix => Stream::Unix(UnixStream::from(fd)),
+        };
+        Connection { listener, stream }
+    }
+
+    fn stop_accepting(&mut self) {
+        for l in self.listeners.iter_mut() {
+            if let Some(fd) = l.fd.take() {
+                if let Some(ep) = &self.epoll {
+                    let _ = epoll::delete(ep, &fd);
+                }
+            }
+        }
+    }
+
+    /// Shared schedule: accepts one connection from any listener, if one is waiting.
+    fn accept_one(&mut self) -> Result<Option<Connection>> {
+        let n = self.listeners.len();
+        let flags = if self.nonblocking {
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK
+        } else {
+            SocketFlags::CLOEXEC
+        };
+        for k in 0..n {
+            let i = (self.next_listener + k) % n;
+            let Some(fd) = &self.listeners[i].fd else {
+                continue;
+            };
+            loop {
+                match rustix::net::accept_with(fd, flags) {
+                    Ok(s) => {
+                        self.next_listener = (i + 1) % n;
+                        self.count(W_CONNS);
+                        return Ok(Some(self.stream(s, i)));
+                    }
+                    Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+                    Err(Errno::AGAIN) => break,
+                    Err(e) => return Err(Error::os("accept4", e)),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next connection, message or disconnect request, waiting for one. `None` once the
+    /// channel to the primary is closed and nothing is left.
+    pub fn next(&mut self) -> Result<Option<Next<'_>>> {
+        self.step(true)
+    }
+
+    /// The next item if one is ready now; `None` if nothing is. Never blocks. After the channel
+    /// closed and [`Next::Disconnect`] was returned, fails with [`Error::Closed`].
+    pub fn try_next(&mut self) -> Result<Option<Next<'_>>> {
+        if self.closed && self.disconnecting {
+            return Err(Error::Closed);
+        }
+        self.step(false)
+    }
+
+    fn step(&mut self, wait: bool) -> Result<Option<Next<'_>>> {
+        self.beat(false);
+        if !self.listening_sent && !self.disconnecting {
+            self.announce()?;
+        }
+        loop {
+            if self.closed {
+                return Ok(None);
+            }
+            if self.epoll.is_some() && !self.disconnecting {
+                if let Some(c) = self.accept_one()? {
+                    return Ok(Some(Next::Connection(c)));
+                }
+            }
+            // Take what is needed out of the frame so that the borrow of the buffer ends here;
+            // a message's payload is borrowed again from the buffer when it is returned.
+            let got = match self.chan.try_recv(&mut self.rbuf) {
+                Ok(Some(r)) => Ok(Some((
+                    r.frame.kind(),
+                    r.frame.listener(),
+                    r.frame.payload().len(),
+                    r.fds,
+                ))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match got {
+                Ok(Some((kind, listener, len, mut fds))) => match kind {
+                    Kind::Connection => {
+                        let Some(fd) = fds.pop() else { continue };
+                        self.unacked += 1;
+                        if self.unacked >= self.in_flight.div_ceil(2) {
+                            self.flush_acks()?;
+                        }
+                        self.count(W_CONNS);
+                        let c = self.stream(fd, listener.unwrap_or(0) as usize);
+                        return Ok(Some(Next::Connection(c)));
+                    }
+                    Kind::Message => {
+                        self.count(W_MSGS);
+                        return Ok(Some(Next::Message(Message {
+                            payload: self.rbuf.payload(len),
+                            fds,
+                        })));
+                    }
+                    Kind::Disconnect | Kind::Close => {
+                        if self.disconnecting {
+                            continue;
+                        }
+                        self.disconnecting = true;
+                        self.stop_accepting();
+                        self.flush_acks()?;
+                        return Ok(Some(Next::Disconnect));
+                    }
+                    _ => return Err(Error::Invalid("unexpected frame kind from the primary")),
+                },
+                Ok(None) => {
+                    self.flush_acks()?;
+                    if !wait {
+                        return Ok(None);
+                    }
+                    self.beat(true);
+                    self.wait_readable()?;
+                    self.beat(false);
+                }
+                Err(Error::Closed) => {
+                    self.closed = true;
+                    self.stop_accepting();
+                    if self.disconnecting {
+                        return Ok(None);
+                    }
+                    self.disconnecting = true;
+                    return Ok(Some(Next::Disconnect));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn wait_readable(&mut self) -> Result<()> {
+        match &self.epoll {
+            Some(ep) if !self.disconnecting => {
+                let mut evs = [epoll::Event {
+                    flags: epoll::EventFlags::empty(),
+                    data: epoll::EventData::new_u64(0),
+                }; 4];
+                loop {
+                    match epoll::wait(ep, &mut evs, None) {
+                        Ok(_) => return Ok(()),
+                        Err(Errno::INTR) => continue,
+                        Err(e) => return Err(Error::os("epoll_wait", e)),
+                    }
+                }
+            }
+            _ => {
+                let mut pfd = [rustix::event::PollFd::new(
+                    &self.chan,
+                    rustix::event::PollFlags::IN,
+                )];
+                loop {
+                    match rustix::event::poll(&mut pfd, None) {
+                        Ok(_) => return Ok(()),
+                        Err(Errno::INTR) => continue,
+                        Err(e) => return Err(Error::os("poll", e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsFd for Worker {
+    /// The fd to poll for readability: the channel (round-robin, no listener) or the worker's
+    /// own epoll set of channel and listeners (shared schedule).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.epoll {
+            Some(ep) => ep.as_fd(),
+            None => self.chan.as_fd(),
+        }
+    }
+}
+
+impl core::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("schedule", &self.schedule)
+            .finish_non_exhaustive()
+    }
+}
