@@ -40,6 +40,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use arrayvec::ArrayVec;
+use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
@@ -213,7 +214,9 @@ impl Channel {
         if msg.flags.contains(ReturnFlags::TRUNC) {
             return Err(Error::Truncated);
         }
-        if msg.bytes == 0 && fds.is_empty() {
+        // A zero-byte read is end of file only if the peer is gone: a live peer can also send
+        // an empty datagram, which is a malformed frame (decode says `Short`).
+        if msg.bytes == 0 && fds.is_empty() && self.at_eof() {
             return Err(Error::Closed);
         }
         let frame = Frame::decode(&data[..msg.bytes])?;
@@ -224,6 +227,33 @@ impl Channel {
             });
         }
         Ok(Some(Received { frame, fds }))
+    }
+}
+
+impl Channel {
+    /// After a zero-byte read without fds: whether it was end of file rather than an empty
+    /// datagram. Only if the peer closed its end or shut down its writing side (`POLLRDHUP`,
+    /// `POLLHUP`) and nothing else is queued (`FIONREAD` counts every queued byte on a
+    /// `SOCK_SEQPACKET` socket), so frames sent after an empty datagram are still read.
+    fn at_eof(&self) -> bool {
+        let mut pfd = [PollFd::new(&self.fd, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let gone = loop {
+            match rustix::event::poll(&mut pfd, Some(&now)) {
+                Ok(_) => {
+                    break pfd[0]
+                        .revents()
+                        .intersects(PollFlags::RDHUP | PollFlags::HUP)
+                }
+                Err(Errno::INTR) => continue,
+                // Cannot tell: keep reading a zero-byte datagram as end of file.
+                Err(_) => return true,
+            }
+        };
+        gone && rustix::io::ioctl_fionread(&self.fd).map_or(true, |n| n == 0)
     }
 }
 

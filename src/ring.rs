@@ -73,7 +73,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            match x % 4 {
+            match x % 3 {
                 0 => assert_eq!(
                     r.push_back(i).is_ok(),
                     d.len() < 5 && {

@@ -45,6 +45,14 @@ pub struct Connection {
 
 impl Connection {
     /// The TCP stream, if this is a TCP connection.
+    pub fn as_tcp(&self) -> Option<&TcpStream> {
+        match &self.stream {
+            Stream::Tcp(s) => Some(s),
+            Stream::Unix(_) => None,
+        }
+    }
+
+    /// The TCP stream, if this is a TCP connection.
     pub fn into_tcp(self) -> Option<TcpStream> {
         match self.stream {
             Stream::Tcp(s) => Some(s),
