@@ -5,7 +5,8 @@
 //!
 //! | figure | ours | C limit (`../shared/bench/peers/c`) |
 //! |---|---|---|
-//! | `oneway_frames_per_s` | primary `Channel::send`s N `Message` frames, the worker `Channel::recv`s them into a `RecvBuf` and checks every sequence number; the receiver times from its "go" frame to the last frame | `seqpacket_rate seq-oneway` (same structure: receiver times from "go" to the last datagram) |
+//! | `oneway_frames_per_s` | primary `Channel::send`s N `Message` frames, the worker `Channel::recv`s them into a `RecvBuf` and checks every sequence number; the receiver times from its "go" frame to the last frame | `seqpacket_rate seq-oneway` (same structure: receiver times from "go" to the last datagram, but with `send`/`recv`) |
+//! | `oneway_frames_per_s@c_sendmsg` | the same figure | `fdpass_rate oneway-nofd`: one-way with `sendmsg`/`recvmsg` and a control buffer, as the channel must (it carries fds) |
 //! | `rtt_p50_us`, `rtt_p99_us` | primary sends a frame, the worker echoes it; 1000 warm-up round trips | `seqpacket_rate seq-pingpong` |
 //! | `fds_per_s_new` | each frame carries a fresh `eventfd`, the sender closes it after the send, the worker drops (closes) what it receives; timed by the sender until the worker's count arrives | `fdpass_rate oneway-new` |
 //! | `fds_per_s_same` | the same `/dev/null` fd on every frame | `fdpass_rate oneway-same` (`-f devnull`) |
@@ -28,7 +29,8 @@
 //! `WIRE_FD_N` (100000), `WIRE_REPS` (3), `WIRE_PIN` (1: also the pinned set), `WIRE_C` (1: run
 //! the C limits), `WIRE_NODE` (1),
 //! `PEERS_DIR` (the C sources, when `../shared/bench/peers/c` is not there). A free argument
-//! filters the figures by name (`cargo bench --bench wire -- rtt`).
+//! filters the figures by name (`cargo bench --bench wire -- rtt`; a `pinned_` prefix runs only
+//! the pinned set).
 //!
 //! Every forked child has `PR_SET_PDEATHSIG` and an `alarm()`, every child is reaped, and every
 //! program the bench starts runs under a deadline.
@@ -66,6 +68,8 @@ struct Cfg {
     fd_n: usize,
     reps: usize,
     pin: bool,
+    /// Run only the pinned set (the filter started with `pinned_`).
+    pinned_only: bool,
     c: bool,
     node: bool,
     filter: Option<String>,
@@ -83,15 +87,19 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 impl Cfg {
     fn from_env() -> Cfg {
+        let arg = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        let pinned_only = arg.as_deref().is_some_and(|a| a.starts_with("pinned_"));
+        let filter = arg.map(|a| a.trim_start_matches("pinned_").to_owned());
         Cfg {
             n: env_usize("WIRE_N", 300_000).max(1),
             pings: env_usize("WIRE_PINGS", 10_000).max(1),
             fd_n: env_usize("WIRE_FD_N", 100_000).max(1),
             reps: env_usize("WIRE_REPS", 3).max(1),
-            pin: env_usize("WIRE_PIN", 1) != 0,
+            pin: env_usize("WIRE_PIN", 1) != 0 || pinned_only,
+            pinned_only,
             c: env_usize("WIRE_C", 1) != 0,
             node: env_usize("WIRE_NODE", 1) != 0,
-            filter: std::env::args().skip(1).find(|a| !a.starts_with('-')),
+            filter,
         }
     }
 }
@@ -111,6 +119,9 @@ struct Fig {
     test: Test,
     /// Our payload bytes; C runs with `-s payload + HEADER_LEN`.
     payload: usize,
+    /// Also compare with `fdpass_rate oneway-nofd`: the same one-way work done with
+    /// `sendmsg`/`recvmsg` (what the channel must use to carry fds) instead of `send`/`recv`.
+    c_alt: bool,
 }
 
 const FIGS: &[Fig] = &[
@@ -118,31 +129,37 @@ const FIGS: &[Fig] = &[
         name: "oneway_frames_per_s",
         test: Test::Oneway,
         payload: 64,
+        c_alt: true,
     },
     Fig {
         name: "oneway_frames_per_s_wire64",
         test: Test::Oneway,
         payload: 48,
+        c_alt: false,
     },
     Fig {
         name: "rtt",
         test: Test::PingPong,
         payload: 64,
+        c_alt: false,
     },
     Fig {
         name: "rtt_wire64",
         test: Test::PingPong,
         payload: 48,
+        c_alt: false,
     },
     Fig {
         name: "fds_per_s_new",
         test: Test::FdNew,
         payload: 64,
+        c_alt: false,
     },
     Fig {
         name: "fds_per_s_same",
         test: Test::FdSame,
         payload: 64,
+        c_alt: false,
     },
 ];
 
@@ -622,10 +639,12 @@ fn field(out: &str, test: &str, key: &str) -> R<f64> {
         .ok_or_else(|| format!("no {key} for {test} in output {out:?}").into())
 }
 
-fn run_c(fig: &Fig, cfg: &Cfg, bin: &Path, pin: Option<usize>) -> R<Val> {
+/// Runs the C limit of `fig` (with `alt`, its `sendmsg`/`recvmsg` variant).
+fn run_c(fig: &Fig, cfg: &Cfg, bin: &Path, pin: Option<usize>, alt: bool) -> R<Val> {
     let size = (fig.payload + HEADER_LEN).to_string();
     let count = fig.count(cfg).to_string();
     let (prog, test, count_flag) = match fig.test {
+        Test::Oneway if alt => ("fdpass_rate", "oneway-nofd", "-n"),
         Test::Oneway => ("seqpacket_rate", "seq-oneway", "-n"),
         Test::PingPong => ("seqpacket_rate", "seq-pingpong", "-p"),
         Test::FdNew => ("fdpass_rate", "oneway-new", "-n"),
@@ -674,7 +693,8 @@ fn line(name: &str, ours: &[f64], c: &[f64], prec: usize, higher_better: bool) {
     );
 }
 
-fn report(prefix: &str, fig: &Fig, ours: &[Val], c: &[Val]) {
+/// Prints `fig`'s line(s); `tag` is appended to the name (an alternative C reference).
+fn report(prefix: &str, fig: &Fig, ours: &[Val], c: &[Val], tag: &str) {
     let rates = |v: &[Val]| -> Vec<f64> {
         v.iter()
             .filter_map(|x| match x {
@@ -714,7 +734,7 @@ fn report(prefix: &str, fig: &Fig, ours: &[Val], c: &[Val]) {
             );
         }
         _ => line(
-            &format!("{prefix}{}", fig.name),
+            &format!("{prefix}{}{tag}", fig.name),
             &rates(ours),
             &rates(c),
             0,
@@ -729,6 +749,7 @@ fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> 
     let prefix = if pin.is_some() { "pinned_" } else { "" };
     let mut ours: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
     let mut c: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
+    let mut c_alt: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
     for rep in 0..cfg.reps {
         for (k, fig) in figs.iter().enumerate() {
             let order: &[bool] = if rep % 2 == 0 {
@@ -743,9 +764,15 @@ fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> 
                         Err(e) => eprintln!("wire: {prefix}{} (ours): {e}", fig.name),
                     }
                 } else if let Some(bin) = cbin {
-                    match run_c(fig, cfg, bin, pin) {
+                    match run_c(fig, cfg, bin, pin, false) {
                         Ok(v) => c[k].push(v),
                         Err(e) => eprintln!("wire: {prefix}{} (C): {e}", fig.name),
+                    }
+                    if fig.c_alt {
+                        match run_c(fig, cfg, bin, pin, true) {
+                            Ok(v) => c_alt[k].push(v),
+                            Err(e) => eprintln!("wire: {prefix}{} (C sendmsg): {e}", fig.name),
+                        }
                     }
                 }
             }
@@ -753,7 +780,10 @@ fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> 
     }
     let mut headline = None;
     for (k, fig) in figs.iter().enumerate() {
-        report(prefix, fig, &ours[k], &c[k]);
+        report(prefix, fig, &ours[k], &c[k], "");
+        if fig.c_alt && !c_alt[k].is_empty() {
+            report(prefix, fig, &ours[k], &c_alt[k], "@c_sendmsg");
+        }
         if fig.name == "oneway_frames_per_s" && !ours[k].is_empty() {
             let v = ours[k].iter().filter_map(|x| match x {
                 Val::Rate(r) => Some(*r),
@@ -865,10 +895,17 @@ fn main() {
     println!(
         "#   *_wire64: payload 48 B = 64 B on the wire, C with -s 64 (the RESULTS.md setting)"
     );
+    println!(
+        "#   *@c_sendmsg: the same figure against fdpass_rate oneway-nofd (C with sendmsg/recvmsg)"
+    );
     println!("# ratio = ours/C for rates, C/ours for latencies: 1.00 = as fast as the C limit");
-    println!("# unpinned (the scheduler places primary and worker)");
 
-    let ours_oneway = run_set(&cfg, &figs, cbin.as_deref(), None);
+    let ours_oneway = if cfg.pinned_only {
+        None
+    } else {
+        println!("# unpinned (the scheduler places primary and worker)");
+        run_set(&cfg, &figs, cbin.as_deref(), None)
+    };
     if cfg.pin && !figs.is_empty() {
         println!("# pinned: both processes on CPU {pin_cpu} (as scripts/ipc.sh: taskset -c 0)");
         run_set(&cfg, &figs, cbin.as_deref(), Some(pin_cpu));

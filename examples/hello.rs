@@ -47,7 +47,9 @@ fn usage(msg: &str) -> ! {
 
 fn opts() -> Opts {
     let mut o = Opts {
-        listen: "127.0.0.1:8080".parse().unwrap_or_else(|_| usage("bad default")),
+        listen: "127.0.0.1:8080"
+            .parse()
+            .unwrap_or_else(|_| usage("bad default")),
         workers: None,
         schedule: Schedule::RoundRobin,
         max_requests: 1_000_000,
@@ -55,10 +57,19 @@ fn opts() -> Opts {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+        };
         match a.as_str() {
-            "--listen" => o.listen = val().parse().unwrap_or_else(|_| usage("bad --listen address")),
-            "--workers" => o.workers = Some(val().parse().unwrap_or_else(|_| usage("bad --workers"))),
+            "--listen" => {
+                o.listen = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --listen address"))
+            }
+            "--workers" => {
+                o.workers = Some(val().parse().unwrap_or_else(|_| usage("bad --workers")))
+            }
             "--schedule" => {
                 o.schedule = match val().as_str() {
                     "rr" => Schedule::RoundRobin,
@@ -66,8 +77,16 @@ fn opts() -> Opts {
                     _ => usage("--schedule is rr or shared"),
                 }
             }
-            "--max-requests" => o.max_requests = val().parse().unwrap_or_else(|_| usage("bad --max-requests")),
-            "--hang-timeout" => o.hang = val().parse().unwrap_or_else(|_| usage("bad --hang-timeout")),
+            "--max-requests" => {
+                o.max_requests = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --max-requests"))
+            }
+            "--hang-timeout" => {
+                o.hang = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --hang-timeout"))
+            }
             "-h" | "--help" => usage("help"),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -122,9 +141,17 @@ struct Server {
 /// The worker: one epoll loop.
 fn serve(mut worker: Worker) -> forkcluster::Result<()> {
     let body = format!("hello from worker {} (pid {})\n", worker.id(), worker.pid());
-    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-    epoll::add(&ep, worker.as_fd(), epoll::EventData::new_u64(WORKER_TOKEN), epoll::EventFlags::IN)?;
+    epoll::add(
+        &ep,
+        worker.as_fd(),
+        epoll::EventData::new_u64(WORKER_TOKEN),
+        epoll::EventFlags::IN,
+    )?;
     let mut s = Server {
         ep,
         conns: Vec::with_capacity(MAX_CONNS),
@@ -134,7 +161,10 @@ fn serve(mut worker: Worker) -> forkcluster::Result<()> {
         close: format!("{head}Connection: close\r\n\r\n{body}").into_bytes(),
         draining: None,
     };
-    let mut events = [epoll::Event { flags: epoll::EventFlags::empty(), data: epoll::EventData::new_u64(0) }; 128];
+    let mut events = [epoll::Event {
+        flags: epoll::EventFlags::empty(),
+        data: epoll::EventData::new_u64(0),
+    }; 128];
     let mut accepting = true;
     take_work(&mut worker, &mut s, &mut accepting)?;
     loop {
@@ -144,7 +174,10 @@ fn serve(mut worker: Worker) -> forkcluster::Result<()> {
             }
         }
         // Wake at least once a second so the heartbeat moves while idle.
-        let timeout = rustix::time::Timespec { tv_sec: 1, tv_nsec: 0 };
+        let timeout = rustix::time::Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
         let n = match epoll::wait(&s.ep, &mut events, Some(&timeout)) {
             Ok(n) => n,
             Err(rustix::io::Errno::INTR) => continue,
@@ -190,11 +223,22 @@ impl Server {
         if let Some(tcp) = c.as_tcp() {
             let _ = rustix::net::sockopt::set_tcp_nodelay(tcp, true);
         }
-        if epoll::add(&self.ep, &c, epoll::EventData::new_u64(i as u64), epoll::EventFlags::IN).is_err() {
+        if epoll::add(
+            &self.ep,
+            &c,
+            epoll::EventData::new_u64(i as u64),
+            epoll::EventFlags::IN,
+        )
+        .is_err()
+        {
             self.free.push(i);
             return;
         }
-        self.conns[i] = Some(Conn { c, buf: [0; CONN_BUF], len: 0 });
+        self.conns[i] = Some(Conn {
+            c,
+            buf: [0; CONN_BUF],
+            len: 0,
+        });
         self.open += 1;
     }
 
@@ -210,11 +254,16 @@ impl Server {
 
     fn readable(&mut self, i: usize) {
         let draining = self.draining.is_some();
-        let Some(conn) = self.conns.get_mut(i).and_then(|c| c.as_mut()) else { return };
+        let Some(conn) = self.conns.get_mut(i).and_then(|c| c.as_mut()) else {
+            return;
+        };
         let n = match conn.c.read(&mut conn.buf[conn.len..]) {
             Ok(0) => return self.drop_conn(i),
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted =>
+            {
                 return
             }
             Err(_) => return self.drop_conn(i),

@@ -6,7 +6,6 @@ mod cluster;
 mod error;
 pub mod frame;
 mod primary;
-mod ring;
 mod sys;
 mod worker;
 

@@ -17,10 +17,9 @@ use rustix::net::SocketFlags;
 use rustix::process::{Pid, Signal, WaitOptions};
 
 use crate::channel::{Channel, RecvBuf};
-use crate::cluster::{Family, ListenAddr, Listener, Schedule, Settings, WorkerFn, MAX_IN_FLIGHT};
+use crate::cluster::{Family, ListenAddr, Listener, Schedule, Settings, WorkerFn};
 use crate::error::{Call, Error, Result};
-use crate::frame::{Frame, Kind, ACK_REFUSED, MAX_FDS, MAX_PAYLOAD};
-use crate::ring::Ring;
+use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
 use crate::sys::{self, Forked, SharedSlots, SignalSet};
 use crate::worker::{Worker, WorkerInit, SLOT_WORDS, W_BEAT, W_CONNS, W_MSGS};
 
@@ -36,6 +35,9 @@ const ACCEPT_BUDGET: usize = 64;
 /// Frames read from one worker per wakeup before the loop looks at other fds.
 const FRAME_BUDGET: usize = 64;
 const EPOLL_EVENTS: usize = 64;
+/// Send-buffer bytes per connection frame of the in-flight bound (the kernel doubles the value
+/// set, and charges a queued frame with one fd about a kilobyte).
+const SNDBUF_PER_FRAME: usize = 512;
 const TICK: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -71,8 +73,9 @@ pub struct WorkerInfo {
     pub connections: u64,
     /// Messages it received from the primary.
     pub messages: u64,
-    /// Connections handed to it and not yet acknowledged (round-robin).
-    pub in_flight: usize,
+    /// Bytes of frames queued for it that it has not read yet (connection hand-offs are 18
+    /// bytes each).
+    pub queued_bytes: usize,
     /// Time since its heartbeat last moved.
     pub since_heartbeat: Duration,
 }
@@ -273,14 +276,21 @@ struct W {
     pid: Pid,
     chan: Option<Channel>,
     state: State,
-    inflight: Ring<(OwnedFd, u16), MAX_IN_FLIGHT>,
+    /// A duplicate of the worker's end of the channel. Connections handed over but not yet
+    /// received stay in that end's queue; if the worker dies, the primary reads them back from
+    /// it and hands them to another worker. Holding it also keeps the channel from reporting
+    /// end of file: the primary learns of a worker's death from SIGCHLD.
+    peer: Option<Channel>,
     in_ready: bool,
+    /// Its queue is full (`EAGAIN`): it gets more when the channel is writable again.
+    blocked: bool,
     after_disconnect: bool,
     started: Instant,
     kill_at: Option<(Instant, Signal)>,
     status: Option<i32>,
     reaped_at: Option<Instant>,
-    replaces: Option<u32>,
+    /// The worker this one replaces once ready, and whether that is a rolling-restart step.
+    replaces: Option<(u32, bool)>,
     replaced: bool,
     dispatched: u64,
     max_conns: u64,
@@ -328,7 +338,6 @@ pub struct Primary {
     shm: Rc<SharedSlots>,
     run: Run,
     desired: usize,
-    active: usize,
     alive: usize,
     crash_streak: u32,
     respawn_at: Option<Instant>,
@@ -427,7 +436,6 @@ impl Primary {
             shm,
             run: Run::Running,
             desired: n,
-            active: 0,
             alive: 0,
             crash_streak: 0,
             respawn_at: None,
@@ -476,7 +484,7 @@ impl Primary {
             return Err(Error::Invalid("the cluster is stopping"));
         }
         let id = self.spawn(env, None)?;
-        self.desired = self.desired.max(self.active);
+        self.desired = self.desired.max(self.active());
         Ok(id)
     }
 
@@ -608,7 +616,7 @@ impl Primary {
         let n = n.clamp(1, self.settings.max_workers);
         self.desired = n;
         self.events.push_back(Ev::Scale(n));
-        while self.active > n {
+        while self.active() > n {
             // The newest worker goes first.
             let Some(slot) = (0..self.slots.len())
                 .filter(|&s| {
@@ -677,9 +685,23 @@ impl Primary {
             uptime: now.saturating_duration_since(w.started),
             connections,
             messages: shm[base + W_MSGS].load(Ordering::Relaxed),
-            in_flight: w.inflight.len(),
+            queued_bytes: w
+                .peer
+                .as_ref()
+                .map_or(0, |p| rustix::io::ioctl_fionread(p).unwrap_or(0) as usize),
             since_heartbeat: now.saturating_duration_since(w.beat_seen),
         }
+    }
+
+    /// Workers that count towards the wanted number: alive, connected, not asked to leave.
+    fn active(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.w.as_ref()
+                    .is_some_and(|w| !w.after_disconnect && w.status.is_none() && w.chan.is_some())
+            })
+            .count()
     }
 
     fn find(&self, id: u32) -> Option<usize> {
@@ -700,12 +722,16 @@ impl Primary {
                 let e = self.evbuf[self.ev_pos];
                 self.ev_pos += 1;
                 let data = e.data.u64();
+                let flags = { e.flags };
                 match data & TAG_MASK {
                     TAG_LISTENER => self.on_listener((data & 0xffff) as usize),
                     TAG_SIGNAL => self.on_signal()?,
                     TAG_WORKER => {
                         let slot = (data & 0xff_ffff) as usize;
                         let gen = ((data >> 24) & 0xffff_ffff) as u32;
+                        if flags.contains(epoll::EventFlags::OUT) {
+                            self.on_writable(slot, gen);
+                        }
                         if let Some((id, len, fds)) = self.on_channel(slot, gen) {
                             return Ok(Some(Event::Message {
                                 id,
@@ -879,9 +905,11 @@ impl Primary {
     }
 
     /// Hands `fd` to the next ready worker; gives it back when none can take it.
+    ///
+    /// The primary's copy is closed as soon as the frame is queued: the connection now lives in
+    /// the worker's channel queue, which the primary can still read if the worker dies first.
     fn dispatch(&mut self, fd: OwnedFd, li: u16) -> core::result::Result<(), (OwnedFd, u16)> {
         while let Some((slot, gen)) = self.ready.pop_front() {
-            let in_flight = self.settings.in_flight;
             let s = &mut self.slots[slot as usize];
             let Some(w) = s.w.as_mut().filter(|_| s.gen == gen) else {
                 continue;
@@ -894,15 +922,10 @@ impl Primary {
             let idx = li.to_le_bytes();
             match chan.try_send(&Frame::new(Kind::Connection, self.seq, &idx), &[fd.as_fd()]) {
                 Ok(()) => {
-                    // The primary keeps its copy until the worker acknowledges: if the worker
-                    // dies first, the connection goes to another worker.
-                    let _ = w.inflight.push_back((fd, li));
+                    drop(fd);
                     w.dispatched += 1;
                     let recycle = w.dispatched == w.max_conns && !w.replaced && !w.after_disconnect;
-                    if w.inflight.len() < in_flight
-                        && w.state == State::Listening
-                        && !w.after_disconnect
-                    {
+                    if w.state == State::Listening && !w.after_disconnect {
                         w.in_ready = true;
                         self.ready.push_back((slot, gen));
                     }
@@ -911,13 +934,48 @@ impl Primary {
                     }
                     return Ok(());
                 }
-                // Full socket buffer: this worker gets more once it acknowledges.
-                Err(e) if e.is_would_block() => continue,
-                // Closed or broken: its channel handler requeues what it holds.
-                Err(_) => continue,
+                // Its queue holds as much as the in-flight bound allows: no more work for it until
+                // it reads some (EPOLLOUT on its channel).
+                Err(e) if e.is_would_block() => {
+                    w.blocked = true;
+                    if let Some(ep) = &self.epoll {
+                        let data = epoll::EventData::new_u64(
+                            TAG_WORKER | (gen as u64) << 24 | slot as u64,
+                        );
+                        let _ = epoll::modify(
+                            ep,
+                            chan,
+                            data,
+                            epoll::EventFlags::IN | epoll::EventFlags::OUT,
+                        );
+                    }
+                }
+                Err(_) => {}
             }
         }
         Err((fd, li))
+    }
+
+    /// The worker's queue drained below the bound.
+    fn on_writable(&mut self, slot: usize, gen: u32) {
+        let Some(w) = self
+            .slots
+            .get_mut(slot)
+            .filter(|s| s.gen == gen)
+            .and_then(|s| s.w.as_mut())
+        else {
+            return;
+        };
+        if !w.blocked {
+            return;
+        }
+        w.blocked = false;
+        if let (Some(ep), Some(chan)) = (&self.epoll, &w.chan) {
+            let data = epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64);
+            let _ = epoll::modify(ep, chan, data, epoll::EventFlags::IN);
+        }
+        self.make_ready(slot);
+        self.drain_pending();
     }
 
     fn drain_pending(&mut self) {
@@ -933,14 +991,14 @@ impl Primary {
     }
 
     fn make_ready(&mut self, slot: usize) {
-        let in_flight = self.settings.in_flight;
         let gen = self.slots[slot].gen;
         if let Some(w) = self.slots[slot].w.as_mut() {
             if !w.in_ready
+                && !w.blocked
                 && w.state == State::Listening
                 && !w.after_disconnect
+                && w.status.is_none()
                 && w.chan.is_some()
-                && w.inflight.len() < in_flight
             {
                 w.in_ready = true;
                 self.ready.push_back((slot as u32, gen));
@@ -957,11 +1015,26 @@ impl Primary {
         }
     }
 
-    /// Puts a worker's unacknowledged connections back at the head of the queue, in order.
-    fn requeue(&mut self, slot: usize) {
-        if let Some(w) = self.slots[slot].w.as_mut() {
-            while let Some(c) = w.inflight.pop_back() {
-                self.pending.push_front(c);
+    /// A dead worker's connections that it never received: read them back from its end of the
+    /// channel and queue them for the other workers. Anything else queued for it is dropped.
+    fn recover(&mut self, slot: usize) {
+        self.unready(slot);
+        let Some(peer) = self.slots[slot].w.as_mut().and_then(|w| w.peer.take()) else {
+            return;
+        };
+        loop {
+            match peer.try_recv(&mut self.rbuf) {
+                Ok(Some(mut r)) => {
+                    if r.frame.kind() == Kind::Connection {
+                        if let Some(fd) = r.fds.pop() {
+                            self.pending
+                                .push_back((fd, r.frame.listener().unwrap_or(0)));
+                        }
+                    }
+                }
+                Ok(None) | Err(Error::Closed) => break,
+                // Our own frames always decode; anything else is skipped.
+                Err(_) => continue,
             }
         }
     }
@@ -1026,9 +1099,7 @@ impl Primary {
             let got = match chan.try_recv(&mut self.rbuf) {
                 Ok(Some(r)) => Ok(Some((
                     r.frame.kind(),
-                    r.frame.flags(),
                     r.frame.listener(),
-                    r.frame.ack_count(),
                     r.frame.payload().len(),
                     r.fds,
                 ))),
@@ -1036,8 +1107,18 @@ impl Primary {
                 Err(e) => Err(e),
             };
             match got {
-                Ok(None) => return None,
-                Ok(Some((kind, flags, listener, ack, len, fds))) => match kind {
+                Ok(None) => {
+                    // A dead worker's channel is closed once everything it sent was read.
+                    if self.slots[slot]
+                        .w
+                        .as_ref()
+                        .is_some_and(|w| w.status.is_some())
+                    {
+                        self.channel_closed(slot);
+                    }
+                    return None;
+                }
+                Ok(Some((kind, listener, len, fds))) => match kind {
                     Kind::Message => {
                         // Come back to this channel for the frames behind this one.
                         self.ev_pos -= 1;
@@ -1072,39 +1153,12 @@ impl Primary {
                             self.replacement_ready(slot);
                         }
                     }
-                    Kind::Ack => {
-                        let n = ack.unwrap_or(0) as usize;
-                        let w = self.slots[slot].w.as_mut()?;
-                        if n > w.inflight.len() {
-                            self.worker_error(
-                                slot,
-                                Error::Invalid("Ack for more connections than were handed over"),
-                            );
-                            return None;
-                        }
-                        if flags & ACK_REFUSED != 0 {
-                            let mut back: ArrayVec<(OwnedFd, u16), MAX_IN_FLIGHT> = ArrayVec::new();
-                            for _ in 0..n {
-                                if let Some(c) = w.inflight.pop_front() {
-                                    back.push(c);
-                                }
-                            }
-                            while let Some(c) = back.pop() {
-                                self.pending.push_front(c);
-                            }
-                        } else {
-                            for _ in 0..n {
-                                drop(w.inflight.pop_front());
-                            }
-                        }
-                        self.make_ready(slot);
-                        self.drain_pending();
-                    }
-                    Kind::Stats | Kind::Close => {
-                        if kind == Kind::Close {
-                            self.channel_closed(slot);
-                            return None;
-                        }
+                    // Acknowledgements are optional on the wire (see `frame`); counters live in
+                    // shared memory.
+                    Kind::Ack | Kind::Stats => {}
+                    Kind::Close => {
+                        self.channel_closed(slot);
+                        return None;
                     }
                     Kind::Connection | Kind::Disconnect => {
                         self.worker_error(
@@ -1141,9 +1195,10 @@ impl Primary {
         self.channel_closed(slot);
     }
 
+    /// The primary's end of a worker's channel is done with: the worker exited (and all it sent
+    /// was read), sent `Close`, or broke the protocol.
     fn channel_closed(&mut self, slot: usize) {
         self.unready(slot);
-        self.requeue(slot);
         let Some(w) = self.slots[slot].w.as_mut() else {
             return;
         };
@@ -1152,9 +1207,6 @@ impl Primary {
                 let _ = epoll::delete(ep, &chan);
             }
             drop(chan);
-            if !w.after_disconnect && w.state != State::Disconnecting {
-                self.active -= 1;
-            }
             w.state = State::Disconnecting;
             self.events.push_back(Ev::Disconnect(w.id));
         }
@@ -1171,12 +1223,7 @@ impl Primary {
     fn retire(&mut self, slot: usize) {
         self.unready(slot);
         if let Some(w) = self.slots[slot].w.as_mut() {
-            if !w.after_disconnect {
-                w.after_disconnect = true;
-                if w.chan.is_some() && w.state != State::Disconnecting {
-                    self.active -= 1;
-                }
-            }
+            w.after_disconnect = true;
         }
     }
 
@@ -1263,30 +1310,37 @@ impl Primary {
                 Ok(Some((_, st))) => {
                     w.status = Some(raw_status(st));
                     w.reaped_at = Some(now);
-                    if w.chan.is_none() {
-                        self.finish(slot);
-                    } else {
-                        // Read what it sent before it died; its channel reports end of file
-                        // next. A channel kept open by a grandchild is closed after a second.
-                        self.arm_tick(now + Duration::from_secs(1));
-                    }
+                    self.after_reap(slot, now);
                 }
                 Ok(None) => {}
                 Err(_) => {
                     // ECHILD: not our child any more (reaped elsewhere). Report it as killed.
                     w.status = Some(libc::SIGKILL);
                     w.reaped_at = Some(now);
-                    if w.chan.is_none() {
-                        self.finish(slot);
-                    }
+                    self.after_reap(slot, now);
                 }
             }
         }
         let _ = self.manage(now);
     }
 
+    /// A worker was reaped: take back the connections it never received; once everything it
+    /// sent was read (its channel reports end of file, now that the primary's duplicate of the
+    /// worker's end is closed) it is finished. A channel kept open by a grandchild that
+    /// inherited it is closed after a second.
+    fn after_reap(&mut self, slot: usize, now: Instant) {
+        self.recover(slot);
+        match self.slots[slot].w.as_ref() {
+            Some(w) if w.chan.is_none() => self.finish(slot),
+            Some(_) => self.arm_tick(now + Duration::from_secs(1)),
+            None => {}
+        }
+        self.drain_pending();
+    }
+
     /// The worker's channel is closed and it was reaped: report `Exit`, free the slot, respawn.
     fn finish(&mut self, slot: usize) {
+        self.recover(slot);
         let s = &mut self.slots[slot];
         let Some(w) = s.w.take() else { return };
         s.gen = s.gen.wrapping_add(1);
@@ -1295,16 +1349,16 @@ impl Primary {
         let pid = w.pid.as_raw_nonzero().get() as u32;
         self.events
             .push_back(Ev::Exit(w.id, pid, raw, w.after_disconnect));
-        drop(w.inflight);
-        if w.replaces.is_some()
-            && self.restart_active > 0
-            && w.state != State::Listening
-            && !w.replaced
-        {
-            // A replacement died before it was listening: the old worker stays; try again.
-            self.restart_active -= 1;
-            if let Some(old) = w.replaces {
-                self.restart_queue.push_front(old);
+        if let Some((old, restart)) = w.replaces {
+            // A replacement died before it was ready: the old worker stays and is tried again.
+            if let Some(old_slot) = self.find(old) {
+                if let Some(o) = self.slots[old_slot].w.as_mut() {
+                    o.replaced = false;
+                }
+                if restart {
+                    self.restart_active = self.restart_active.saturating_sub(1);
+                    self.restart_queue.push_front(old);
+                }
             }
         }
         if self.run != Run::Running {
@@ -1353,7 +1407,7 @@ impl Primary {
             }
             self.respawn_at = None;
         }
-        while self.active < self.desired {
+        while self.active() < self.desired {
             self.spawn(&[], None)?;
         }
         Ok(())
@@ -1378,7 +1432,7 @@ impl Primary {
             if let Some(w) = self.slots[slot].w.as_mut() {
                 w.replaced = true;
             }
-            match self.spawn(&[], Some(old)) {
+            match self.spawn(&[], Some((old, true))) {
                 Ok(_) => self.restart_active += 1,
                 Err(_) => {
                     if let Some(w) = self.slots[slot].w.as_mut() {
@@ -1397,14 +1451,15 @@ impl Primary {
         let Some(w) = self.slots[slot].w.as_mut() else {
             return;
         };
-        let Some(old) = w.replaces.take() else { return };
+        let Some((old, restart)) = w.replaces.take() else {
+            return;
+        };
         let new = w.id;
         if let Some(old_slot) = self.find(old) {
             self.disconnect_slot(old_slot, self.settings.sup.graceful_timeout);
         }
-        let recycled = self.restart_active == 0;
-        self.restart_active = self.restart_active.saturating_sub(1);
-        if !recycled {
+        if restart {
+            self.restart_active = self.restart_active.saturating_sub(1);
             self.events
                 .push_back(Ev::Restart(old, new, self.restart_queue.len()));
             self.step_restart();
@@ -1425,14 +1480,11 @@ impl Primary {
         w.replaced = true;
         let id = w.id;
         self.events.push_back(Ev::Recycle(id));
-        let active = self.restart_active;
-        // Not counted as a rolling-restart step.
-        if self.spawn(&[], Some(id)).is_err() {
+        if self.spawn(&[], Some((id, false))).is_err() {
             if let Some(w) = self.slots[slot].w.as_mut() {
                 w.replaced = false;
             }
         }
-        self.restart_active = active;
     }
 
     fn on_tick(&mut self, now: Instant) -> Result<()> {
@@ -1493,9 +1545,8 @@ impl Primary {
             }
             if let Some(id) = hung {
                 self.events.push_back(Ev::Hung(id));
-                // A hung worker is a crash: replace it now.
+                // No more work for it; what it holds is recovered when it is reaped.
                 self.unready(slot);
-                self.requeue(slot);
             }
             if recycle {
                 self.recycle(slot);
@@ -1521,7 +1572,7 @@ impl Primary {
     }
 
     /// Forks one worker into a free slot.
-    fn spawn(&mut self, env: &[(&str, &str)], replaces: Option<u32>) -> Result<u32> {
+    fn spawn(&mut self, env: &[(&str, &str)], replaces: Option<(u32, bool)>) -> Result<u32> {
         let slot = match self.slots.iter().position(|s| s.w.is_none()) {
             Some(i) => i,
             None if self.slots.len() < self.settings.max_workers => {
@@ -1531,6 +1582,20 @@ impl Primary {
             None => return Err(Error::Capacity("worker table full")),
         };
         let (mine, theirs) = Channel::pair()?;
+        // The in-flight bound: the kernel charges each queued frame to the sender's buffer
+        // until the worker reads it, so a small send buffer caps the queue (about
+        // `max_in_flight` connection frames), and a stuck worker stops getting work.
+        rustix::net::sockopt::set_socket_send_buffer_size(
+            &mine,
+            self.settings.in_flight * SNDBUF_PER_FRAME,
+        )
+        .call("setsockopt(SO_SNDBUF)")?;
+        let theirs_dup = Channel::from_fd(
+            theirs
+                .as_fd()
+                .try_clone_to_owned()
+                .call("fcntl(F_DUPFD_CLOEXEC)")?,
+        );
         let id = self.next_id;
         let base = slot * SLOT_WORDS;
         for k in 0..SLOT_WORDS {
@@ -1567,8 +1632,9 @@ impl Primary {
                     pid,
                     chan: Some(mine),
                     state: State::Forked,
-                    inflight: Ring::new(),
+                    peer: Some(theirs_dup),
                     in_ready: false,
+                    blocked: false,
                     after_disconnect: false,
                     started: now,
                     kill_at: None,
@@ -1582,7 +1648,6 @@ impl Primary {
                     beat_seen: now,
                     hung: false,
                 });
-                self.active += 1;
                 self.alive += 1;
                 self.events
                     .push_back(Ev::Fork(id, pid.as_raw_nonzero().get() as u32));
@@ -1607,7 +1672,7 @@ impl Primary {
         for s in self.slots.iter_mut() {
             if let Some(w) = s.w.as_mut() {
                 w.chan = None;
-                w.inflight.clear();
+                w.peer = None;
             }
         }
         self.pending.clear();
@@ -1637,7 +1702,6 @@ impl Primary {
             listeners,
             schedule: self.settings.schedule,
             nonblocking: self.settings.nonblocking,
-            in_flight: self.settings.in_flight as u32,
             shm: self.shm.clone(),
             slot,
         };

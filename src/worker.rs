@@ -164,10 +164,8 @@ pub struct Worker {
     listeners: ArrayVec<WListener, MAX_LISTENERS>,
     schedule: Schedule,
     nonblocking: bool,
-    in_flight: u32,
     epoll: Option<OwnedFd>,
     seq: u32,
-    unacked: u32,
     listening_sent: bool,
     disconnecting: bool,
     closed: bool,
@@ -184,7 +182,6 @@ pub(crate) struct WorkerInit {
     pub(crate) listeners: Vec<(Option<OwnedFd>, Family, ListenAddr)>,
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
-    pub(crate) in_flight: u32,
     pub(crate) shm: Rc<SharedSlots>,
     pub(crate) slot: usize,
 }
@@ -226,10 +223,8 @@ impl Worker {
             listeners,
             schedule: init.schedule,
             nonblocking: init.nonblocking,
-            in_flight: init.in_flight,
             epoll,
             seq: 0,
-            unacked: 0,
             listening_sent: false,
             disconnecting: false,
             closed: false,
@@ -304,19 +299,6 @@ impl Worker {
 
     fn send_frame(&self, f: &Frame<'_>, fds: &[BorrowedFd<'_>]) -> Result<()> {
         self.chan.send(f, fds)
-    }
-
-    fn flush_acks(&mut self) -> Result<()> {
-        if self.unacked > 0 && !self.closed {
-            let n = self.unacked;
-            self.unacked = 0;
-            let count = n.to_le_bytes();
-            match self.chan.send(&Frame::new(Kind::Ack, 0, &count), &[]) {
-                Ok(()) | Err(Error::Closed) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     fn announce(&mut self) -> Result<()> {
@@ -424,10 +406,6 @@ impl Worker {
                 Ok(Some((kind, listener, len, mut fds))) => match kind {
                     Kind::Connection => {
                         let Some(fd) = fds.pop() else { continue };
-                        self.unacked += 1;
-                        if self.unacked >= self.in_flight.div_ceil(2) {
-                            self.flush_acks()?;
-                        }
                         self.count(W_CONNS);
                         let c = self.stream(fd, listener.unwrap_or(0) as usize);
                         return Ok(Some(Next::Connection(c)));
@@ -445,13 +423,11 @@ impl Worker {
                         }
                         self.disconnecting = true;
                         self.stop_accepting();
-                        self.flush_acks()?;
                         return Ok(Some(Next::Disconnect));
                     }
                     _ => return Err(Error::Invalid("unexpected frame kind from the primary")),
                 },
                 Ok(None) => {
-                    self.flush_acks()?;
                     if !wait {
                         return Ok(None);
                     }

@@ -84,7 +84,12 @@ pub fn run(tests: &[Test]) -> ! {
         } else {
             format!("FAILED (exit {})", libc::WEXITSTATUS(status))
         };
-        println!("test {} ... {} ({:.2}s)", t.name, how, t0.elapsed().as_secs_f64());
+        println!(
+            "test {} ... {} ({:.2}s)",
+            t.name,
+            how,
+            t0.elapsed().as_secs_f64()
+        );
         if ok {
             passed += 1;
         } else {
@@ -130,7 +135,10 @@ pub fn fds_of(pid: i32) -> Vec<(i32, String)> {
             d.filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let fd: i32 = e.file_name().to_str()?.parse().ok()?;
-                    let target = std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+                    let target = std::fs::read_link(e.path())
+                        .ok()?
+                        .to_string_lossy()
+                        .into_owned();
                     Some((fd, target))
                 })
                 .collect()
@@ -142,7 +150,9 @@ pub fn fds_of(pid: i32) -> Vec<(i32, String)> {
 
 /// The number of fds open in this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Whether `fd` has close-on-exec set.
@@ -156,7 +166,11 @@ pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // state is the field after the parenthesized comm
-            let state = s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).unwrap_or("X");
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("X");
             state != "Z" && state != "X"
         }
         Err(_) => false,
@@ -168,7 +182,9 @@ pub fn children_of(pid: i32) -> Vec<i32> {
     let mut v = Vec::new();
     if let Ok(d) = std::fs::read_dir("/proc") {
         for e in d.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
             if let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
                 let mut it = s.rsplit(')').next().unwrap_or("").split_whitespace();
                 let _state = it.next();
