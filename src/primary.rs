@@ -693,13 +693,15 @@ impl Primary {
         }
     }
 
-    /// Workers that count towards the wanted number: alive, connected, not asked to leave.
+    /// Workers that count towards the wanted number: connected and not asked to leave. A
+    /// reaped worker counts until its `Exit` is reported, so that its respawn (and backoff) is
+    /// decided once, in order.
     fn active(&self) -> usize {
         self.slots
             .iter()
             .filter(|s| {
                 s.w.as_ref()
-                    .is_some_and(|w| !w.after_disconnect && w.status.is_none() && w.chan.is_some())
+                    .is_some_and(|w| !w.after_disconnect && w.chan.is_some())
             })
             .count()
     }
