@@ -29,11 +29,21 @@
 //! | [`Online`](Kind::Online) | 1 | worker → primary | empty | 0 | 0 |
 //! | [`Listening`](Kind::Listening) | 2 | worker → primary | listener index, `u16` | 0 | 0 |
 //! | [`Connection`](Kind::Connection) | 3 | primary → worker | listener index, `u16` | 1: the accepted socket | 0 |
-//! | [`Ack`](Kind::Ack) | 4 | worker → primary | count of connections, `u32` ≥ 1 | 0 | bit 0 [`ACK_REFUSED`] |
+//! | [`Ack`](Kind::Ack) | 4 | worker → primary | count of connections, `u32` ≥ 1 (optional, see below) | 0 | bit 0 [`ACK_REFUSED`] |
 //! | [`Message`](Kind::Message) | 5 | both | application bytes | 0..=[`MAX_FDS`] | 0 |
 //! | [`Disconnect`](Kind::Disconnect) | 6 | primary → worker | empty | 0 | 0 |
 //! | [`Stats`](Kind::Stats) | 7 | worker → primary | connections handled `u64`, messages handled `u64` | 0 | 0 |
 //! | [`Close`](Kind::Close) | 8 | both | empty | 0 | 0 |
+//!
+//! # Acknowledgements are optional
+//!
+//! `Ack` is part of the format so that a worker written against the wire alone can report the
+//! connections it took, but forkcluster's own worker never sends it and the primary only checks
+//! and ignores it. Hand-off safety does not need it: the primary keeps a duplicate of each
+//! worker's end of the socketpair, so connection frames a dead worker never read are read back
+//! and handed to another worker, and the send buffer bounds what waits in a worker's queue.
+//! That saves a `sendmsg`, a `recvmsg` and a primary wakeup per connection compared with Node's
+//! acknowledged hand-off.
 //!
 //! # Why a 4 KiB bound
 //!
@@ -86,6 +96,7 @@ pub enum Kind {
     /// An accepted connection for the worker; the socket is the one attached fd.
     Connection = 3,
     /// The worker took (or, with [`ACK_REFUSED`], refused) the next `count` connections.
+    /// Optional: see the [module docs](self).
     Ack = 4,
     /// Application bytes, with up to [`MAX_FDS`] fds.
     Message = 5,

@@ -1,4 +1,108 @@
-//! forkcluster (docs in progress)
+//! forkcluster brings the Node.js [`cluster`](https://nodejs.org/api/cluster.html) model to
+//! systems programs: one primary process forks a pool of workers, the workers share one server
+//! port, and the primary supervises them.
+//!
+//! # Overview
+//!
+//! * [`Cluster::builder`] binds the listeners and [`Builder::start`] forks the workers. Each
+//!   worker runs the function given to `start` in its own process and exits with what it
+//!   returns; `start` returns only in the primary, with the [`Primary`].
+//! * Connections reach workers in one of two ways ([`Schedule`]): **round-robin** (the default:
+//!   the primary accepts each connection and passes its fd to the next ready worker) or
+//!   **shared** (every worker accepts on the listener it inherited; the kernel picks).
+//! * The primary reads lifecycle [`Event`]s from one loop ([`Primary::next_event`]): fork, online,
+//!   listening, message, disconnect, exit (code or signal), and the supervisor's own (backoff,
+//!   hung worker, rolling restart, ...). No callbacks, no threads, no allocation per event.
+//! * Primary and workers exchange messages of up to [`frame::MAX_PAYLOAD`] bytes with up to
+//!   [`frame::MAX_FDS`] file descriptors ([`Primary::send`], [`Worker::send`]).
+//! * What Node leaves to every application ships here: respawn with crash-loop backoff, graceful
+//!   and fast stop, zero-drop rolling restart, scaling, hung-worker detection, max requests, and
+//!   the signals nginx, gunicorn and unicorn users know (TERM graceful, INT fast, HUP restart,
+//!   TTIN/TTOU scale).
+//!
+//! # Example
+//!
+//! A server whose workers all answer on one port:
+//!
+//! ```no_run
+//! use forkcluster::{Cluster, Next};
+//! use std::io::{Read, Write};
+//!
+//! fn main() -> forkcluster::Result<()> {
+//!     let mut primary = Cluster::builder()
+//!         .listen("127.0.0.1:8080".parse().unwrap())
+//!         .start(|mut worker| -> forkcluster::Result<()> {
+//!             while let Some(next) = worker.next()? {
+//!                 match next {
+//!                     Next::Connection(mut conn) => {
+//!                         let mut req = [0u8; 1024];
+//!                         let _ = conn.read(&mut req);
+//!                         let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+//!                     }
+//!                     Next::Message(msg) => eprintln!("message: {:?}", msg.payload),
+//!                     Next::Disconnect => break,
+//!                 }
+//!             }
+//!             Ok(())
+//!         })?;
+//!     while let Some(event) = primary.next_event()? {
+//!         eprintln!("{event}");
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A pool of job workers without a listener uses the same machinery: the primary sends jobs with
+//! [`Primary::send`], workers answer with [`Worker::send`], results arrive as
+//! [`Event::Message`].
+//!
+//! # Why fork, and why no threads
+//!
+//! A process per worker is what makes a supervisor worth having: a worker that crashes, leaks or
+//! hangs is killed and replaced without touching the others, and memory is returned to the system
+//! when it exits. forkcluster is thread-free and has no async runtime: the primary is one `epoll`
+//! loop and each worker is whatever the application makes it (a blocking loop on
+//! [`Worker::next`], or its own poll loop around [`Worker`]'s fd). `fork` is only sound in a
+//! single-threaded process, so [`Builder::start`] refuses to run when the process has other
+//! threads: start the cluster first.
+//!
+//! # Anatomy
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`frame`] | the wire format: a fixed, versioned 16-byte header and a bounded payload; pure, never panics (fuzzed) |
+//! | [`channel`] | one end of a `SOCK_SEQPACKET` socketpair: a frame and its fds per datagram (`sendmsg`/`recvmsg`, `SCM_RIGHTS`) |
+//! | `primary` | the loop: epoll over listeners, channels and a `signalfd`; the worker table; dispatch; supervision |
+//! | `worker` | the worker side: the next connection, message or disconnect request |
+//! | `cluster` | the builder |
+//! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared heartbeat page, `_exit` |
+//!
+//! Round-robin hand-off never loses a connection to a dying worker: the primary keeps a
+//! duplicate of each worker's end of its channel, so connection frames a worker had not read yet
+//! when it died are read back by the primary and handed to another worker. The primary's own copy
+//! of each connection is closed as soon as the frame is queued, as in a plain C prefork server,
+//! and no acknowledgement travels back: per connection the primary makes exactly `accept4`,
+//! `sendmsg` and `close`. The send buffer of the primary's end bounds how many hand-offs wait in
+//! a worker's queue, so a stuck worker stops getting work while the others keep serving.
+//!
+//! # Safety
+//!
+//! `unsafe` lives in one private module (`sys`), each block with a `// SAFETY:` comment; the rest
+//! of the crate is `#![deny(unsafe_code)]` and goes through `rustix` and `std`. File descriptors
+//! are `OwnedFd`/`BorrowedFd` everywhere. The frame decoder is fuzzed (`fuzz/`) and rejects
+//! anything that is not exactly a valid frame; the primary treats every byte and fd from a worker
+//! as untrusted (see `SECURITY.md`).
+//!
+//! # Limitations
+//!
+//! * Linux only (`SOCK_SEQPACKET`, `signalfd`, `epoll`, `PR_SET_PDEATHSIG`).
+//! * The process must be single-threaded when the cluster starts, and the primary blocks the
+//!   signals it handles (SIGCHLD always; TERM, INT, QUIT, HUP, TTIN, TTOU unless
+//!   [`Builder::handle_signals`] is off) and reads them from a `signalfd`.
+//! * Workers keep the signal dispositions the process had when the cluster started, other than
+//!   those the primary uses, and an empty signal mask. Rust's runtime ignores SIGPIPE, so workers
+//!   do too.
+//! * Messages are bounded ([`frame::MAX_PAYLOAD`]); larger data travels as a file descriptor.
 #![deny(unsafe_code, missing_docs)]
 
 pub mod channel;
