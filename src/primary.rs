@@ -35,9 +35,10 @@ const ACCEPT_BUDGET: usize = 64;
 /// Frames read from one worker per wakeup before the loop looks at other fds.
 const FRAME_BUDGET: usize = 64;
 const EPOLL_EVENTS: usize = 64;
-/// Send-buffer bytes per connection frame of the in-flight bound (the kernel doubles the value
-/// set, and charges a queued frame with one fd about a kilobyte).
-const SNDBUF_PER_FRAME: usize = 512;
+/// Send-buffer bytes per connection frame of the in-flight bound: the kernel doubles the value
+/// set and charges a queued 18-byte frame with one fd about 745 bytes (measured: a doubled
+/// buffer of 8192 holds 11 such frames). The kernel's floor (4608) holds 6.
+const SNDBUF_PER_FRAME: usize = 376;
 const TICK: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -284,6 +285,8 @@ struct W {
     in_ready: bool,
     /// Its queue is full (`EAGAIN`): it gets more when the channel is writable again.
     blocked: bool,
+    /// A `Disconnect` waits for room in its queue.
+    disconnect_pending: bool,
     after_disconnect: bool,
     started: Instant,
     kill_at: Option<(Instant, Signal)>,
@@ -971,6 +974,13 @@ impl Primary {
         if !w.blocked {
             return;
         }
+        if w.disconnect_pending {
+            let Some(chan) = &w.chan else { return };
+            match chan.try_send(&Frame::new(Kind::Disconnect, 0, &[]), &[]) {
+                Err(e) if e.is_would_block() => return,
+                _ => w.disconnect_pending = false,
+            }
+        }
         w.blocked = false;
         if let (Some(ep), Some(chan)) = (&self.epoll, &w.chan) {
             let data = epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64);
@@ -1059,28 +1069,35 @@ impl Primary {
                 let _ = epoll::delete(ep, &l.fd);
             }
         }
-        // Pending connections that no worker could take before the stop are handed out even
-        // past the in-flight bound: they were accepted, so they must be answered.
-        while let Some((fd, li)) = self.pending.pop_front() {
-            let mut sent = false;
-            for s in &self.slots {
-                if let Some(chan) =
-                    s.w.as_ref()
-                        .filter(|w| w.state == State::Listening)
-                        .and_then(|w| w.chan.as_ref())
-                {
-                    let idx = li.to_le_bytes();
+        // Connections accepted before the stop that no worker could take yet (every queue at
+        // its bound) are handed out past the bound: they were accepted, so they are answered.
+        // A worker whose queue stays full for a second does not get them.
+        let until = Instant::now() + Duration::from_secs(1);
+        'conns: while let Some((fd, li)) = self.pending.pop_front() {
+            let idx = li.to_le_bytes();
+            loop {
+                for s in &self.slots {
+                    let Some(chan) =
+                        s.w.as_ref()
+                            .filter(|w| w.state == State::Listening)
+                            .and_then(|w| w.chan.as_ref())
+                    else {
+                        continue;
+                    };
                     if chan
-                        .send(&Frame::new(Kind::Connection, 0, &idx), &[fd.as_fd()])
+                        .try_send(&Frame::new(Kind::Connection, 0, &idx), &[fd.as_fd()])
                         .is_ok()
                     {
-                        sent = true;
-                        break;
+                        continue 'conns;
                     }
                 }
+                if Instant::now() >= until {
+                    break 'conns;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = sent;
         }
+        self.pending.clear();
     }
 
     // ----- internals: workers ---------------------------------------------------------------
@@ -1231,16 +1248,34 @@ impl Primary {
 
     fn disconnect_slot(&mut self, slot: usize, timeout: Duration) {
         self.retire(slot);
+        let gen = self.slots[slot].gen;
         let Some(w) = self.slots[slot].w.as_mut() else {
             return;
         };
         if let Some(chan) = &w.chan {
             self.seq = self.seq.wrapping_add(1);
-            if chan
-                .send(&Frame::new(Kind::Disconnect, self.seq, &[]), &[])
-                .is_err()
-            {
-                let _ = rustix::process::kill_process(w.pid, Signal::TERM);
+            match chan.try_send(&Frame::new(Kind::Disconnect, self.seq, &[]), &[]) {
+                Ok(()) => {}
+                // Its queue is full: the request goes out, after what is queued, as soon as
+                // the channel is writable.
+                Err(e) if e.is_would_block() => {
+                    w.disconnect_pending = true;
+                    w.blocked = true;
+                    if let Some(ep) = &self.epoll {
+                        let data = epoll::EventData::new_u64(
+                            TAG_WORKER | (gen as u64) << 24 | slot as u64,
+                        );
+                        let _ = epoll::modify(
+                            ep,
+                            chan,
+                            data,
+                            epoll::EventFlags::IN | epoll::EventFlags::OUT,
+                        );
+                    }
+                }
+                Err(_) => {
+                    let _ = rustix::process::kill_process(w.pid, Signal::TERM);
+                }
             }
         }
         w.state = State::Disconnecting;
@@ -1637,6 +1672,7 @@ impl Primary {
                     peer: Some(theirs_dup),
                     in_ready: false,
                     blocked: false,
+                    disconnect_pending: false,
                     after_disconnect: false,
                     started: now,
                     kill_at: None,
