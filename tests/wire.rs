@@ -40,6 +40,7 @@ fn main() {
         hostile_fd_count_mismatches,
         hostile_too_many_fds,
         hostile_random_datagrams,
+        fuzz_regressions,
         peer_closes_mid_stream,
         peer_closes_while_receiver_blocks,
         try_recv_on_empty_channel_is_none,
@@ -1477,6 +1478,34 @@ fn hostile_random_datagrams() {
         h.case_ref(&d, nfds);
     }
     h.report(3_000);
+}
+
+/// Inputs that once made a fuzz target fail (see `fuzz/README.md`), as byte literals.
+const FRAME_DECODE_REGRESSIONS: &[&[u8]] = &[];
+const CHANNEL_RECV_REGRESSIONS: &[&[u8]] = &[
+    // `channel_recv`: an empty datagram (no fds) from a live peer came back as `Error::Closed`.
+    b"\x00",
+];
+
+/// Replays the regressions with the checks of their targets: `frame_decode` (decode agrees
+/// with the reference; what decodes re-encodes to the same bytes) and `channel_recv` (first
+/// byte: fd count modulo 11; the rest: the datagram; the documented result, no fd leaked).
+fn fuzz_regressions() {
+    let mut seen = Outcomes::default();
+    let mut out = [0u8; MAX_FRAME];
+    for input in FRAME_DECODE_REGRESSIONS {
+        seen.check(input);
+        if let Ok(f) = Frame::decode(input) {
+            let n = f.encode(&mut out).unwrap();
+            assert_eq!(&out[..n], *input);
+        }
+    }
+    let mut h = Hostile::new();
+    for input in CHANNEL_RECV_REGRESSIONS {
+        let (&first, rest) = input.split_first().unwrap();
+        h.case_ref(rest, first as usize % 11);
+    }
+    h.report(CHANNEL_RECV_REGRESSIONS.len());
 }
 
 fn peer_closes_mid_stream() {
