@@ -92,6 +92,28 @@ pub struct Received<'b> {
     pub fds: ArrayVec<OwnedFd, MAX_FDS>,
 }
 
+/// What a receiver keeps of a [`Received`] frame once it lets go of the buffer: the kind, the
+/// listener index (hand-offs), the payload length (the payload stays in the [`RecvBuf`]) and the
+/// fds.
+pub(crate) struct Taken {
+    pub(crate) kind: crate::frame::Kind,
+    pub(crate) listener: Option<u16>,
+    pub(crate) len: usize,
+    pub(crate) fds: ArrayVec<OwnedFd, MAX_FDS>,
+}
+
+impl Received<'_> {
+    /// Ends the borrow of the buffer; see [`RecvBuf::payload`] for the payload.
+    pub(crate) fn take(self) -> Taken {
+        Taken {
+            kind: self.frame.kind(),
+            listener: self.frame.listener(),
+            len: self.frame.payload().len(),
+            fds: self.fds,
+        }
+    }
+}
+
 /// One end of a frame channel.
 #[derive(Debug)]
 pub struct Channel {

@@ -16,7 +16,7 @@ use rustix::io::Errno;
 use rustix::net::SocketFlags;
 use rustix::process::{Pid, Signal, WaitOptions};
 
-use crate::channel::{Channel, RecvBuf};
+use crate::channel::{Channel, Received, RecvBuf, Taken};
 use crate::cluster::{Family, ListenAddr, Listener, Schedule, Settings, WorkerFn};
 use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
@@ -943,17 +943,7 @@ impl Primary {
                 // it reads some (EPOLLOUT on its channel).
                 Err(e) if e.is_would_block() => {
                     w.blocked = true;
-                    if let Some(ep) = &self.epoll {
-                        let data = epoll::EventData::new_u64(
-                            TAG_WORKER | (gen as u64) << 24 | slot as u64,
-                        );
-                        let _ = epoll::modify(
-                            ep,
-                            chan,
-                            data,
-                            epoll::EventFlags::IN | epoll::EventFlags::OUT,
-                        );
-                    }
+                    watch(self.epoll.as_ref(), chan, slot as usize, gen, true);
                 }
                 Err(_) => {}
             }
@@ -982,9 +972,8 @@ impl Primary {
             }
         }
         w.blocked = false;
-        if let (Some(ep), Some(chan)) = (&self.epoll, &w.chan) {
-            let data = epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64);
-            let _ = epoll::modify(ep, chan, data, epoll::EventFlags::IN);
+        if let Some(chan) = &w.chan {
+            watch(self.epoll.as_ref(), chan, slot, gen, false);
         }
         self.make_ready(slot);
         self.drain_pending();
@@ -1115,16 +1104,7 @@ impl Primary {
             let w = s.w.as_ref()?;
             let chan = w.chan.as_ref()?;
             let id = w.id;
-            let got = match chan.try_recv(&mut self.rbuf) {
-                Ok(Some(r)) => Ok(Some((
-                    r.frame.kind(),
-                    r.frame.listener(),
-                    r.frame.payload().len(),
-                    r.fds,
-                ))),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            };
+            let got = chan.try_recv(&mut self.rbuf).map(|r| r.map(Received::take));
             match got {
                 Ok(None) => {
                     // A dead worker's channel is closed once everything it sent was read.
@@ -1137,7 +1117,12 @@ impl Primary {
                     }
                     return None;
                 }
-                Ok(Some((kind, listener, len, fds))) => match kind {
+                Ok(Some(Taken {
+                    kind,
+                    listener,
+                    len,
+                    fds,
+                })) => match kind {
                     Kind::Message => {
                         // Come back to this channel for the frames behind this one.
                         self.ev_pos -= 1;
@@ -1261,17 +1246,7 @@ impl Primary {
                 Err(e) if e.is_would_block() => {
                     w.disconnect_pending = true;
                     w.blocked = true;
-                    if let Some(ep) = &self.epoll {
-                        let data = epoll::EventData::new_u64(
-                            TAG_WORKER | (gen as u64) << 24 | slot as u64,
-                        );
-                        let _ = epoll::modify(
-                            ep,
-                            chan,
-                            data,
-                            epoll::EventFlags::IN | epoll::EventFlags::OUT,
-                        );
-                    }
+                    watch(self.epoll.as_ref(), chan, slot, gen, true);
                 }
                 Err(_) => {
                     let _ = rustix::process::kill_process(w.pid, Signal::TERM);
@@ -1656,13 +1631,8 @@ impl Primary {
                 let Some(ep) = &self.epoll else {
                     return Err(Error::Invalid("primary state used in a worker"));
                 };
-                epoll::add(
-                    ep,
-                    &mine,
-                    epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64),
-                    epoll::EventFlags::IN,
-                )
-                .call("epoll_ctl")?;
+                epoll::add(ep, &mine, worker_token(slot, gen), epoll::EventFlags::IN)
+                    .call("epoll_ctl")?;
                 let now = Instant::now();
                 self.slots[slot].w = Some(W {
                     id,
@@ -1750,6 +1720,24 @@ impl Primary {
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         sys::exit_now(code)
+    }
+}
+
+/// The epoll token of a worker's channel: its slot, and the slot's generation so that an event
+/// for a worker that is gone never reaches the slot's next worker.
+fn worker_token(slot: usize, gen: u32) -> epoll::EventData {
+    epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64)
+}
+
+/// Watches a worker's channel for readability, and for writability while its queue is full.
+fn watch(ep: Option<&OwnedFd>, chan: &Channel, slot: usize, gen: u32, writable: bool) {
+    let flags = if writable {
+        epoll::EventFlags::IN | epoll::EventFlags::OUT
+    } else {
+        epoll::EventFlags::IN
+    };
+    if let Some(ep) = ep {
+        let _ = epoll::modify(ep, chan, worker_token(slot, gen), flags);
     }
 }
 

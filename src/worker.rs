@@ -12,7 +12,7 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use crate::channel::{Channel, RecvBuf};
+use crate::channel::{Channel, Received, RecvBuf, Taken};
 use crate::cluster::{Family, ListenAddr, Schedule, MAX_LISTENERS};
 use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
@@ -392,18 +392,17 @@ impl Worker {
             }
             // Take what is needed out of the frame so that the borrow of the buffer ends here;
             // a message's payload is borrowed again from the buffer when it is returned.
-            let got = match self.chan.try_recv(&mut self.rbuf) {
-                Ok(Some(r)) => Ok(Some((
-                    r.frame.kind(),
-                    r.frame.listener(),
-                    r.frame.payload().len(),
-                    r.fds,
-                ))),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            };
+            let got = self
+                .chan
+                .try_recv(&mut self.rbuf)
+                .map(|r| r.map(Received::take));
             match got {
-                Ok(Some((kind, listener, len, mut fds))) => match kind {
+                Ok(Some(Taken {
+                    kind,
+                    listener,
+                    len,
+                    mut fds,
+                })) => match kind {
                     Kind::Connection => {
                         let Some(fd) = fds.pop() else { continue };
                         self.count(W_CONNS);
