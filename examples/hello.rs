@@ -298,7 +298,8 @@ fn wants_close(head: &[u8]) -> bool {
     while let Some(p) = memchr::memchr(b'\r', rest) {
         let h = &rest[p..];
         if h.len() >= KEY.len() && h[..KEY.len()].eq_ignore_ascii_case(KEY) {
-            let v = h[KEY.len()..].trim_ascii_start();
+            let v = &h[KEY.len()..];
+            let v = &v[v.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
             if v.len() >= 5 && v[..5].eq_ignore_ascii_case(b"close") {
                 return true;
             }
