@@ -86,8 +86,13 @@ fn send_raw(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     if !fds.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)
-        .expect("sendmsg");
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )
+    .expect("sendmsg");
     assert_eq!(n, bytes.len());
 }
 
@@ -122,10 +127,17 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(frame.fds(), header);
             assert_ne!(header as usize, nfds);
         }
-        Err(e) => panic!("unexpected error {e:?} for {nfds} fds and {} bytes", bytes.len()),
+        Err(e) => panic!(
+            "unexpected error {e:?} for {nfds} fds and {} bytes",
+            bytes.len()
+        ),
     }
     for &fd in &st.free {
-        assert!(!is_open(fd), "fd {fd} leaked ({nfds} fds attached, {} bytes)", bytes.len());
+        assert!(
+            !is_open(fd),
+            "fd {fd} leaked ({nfds} fds attached, {} bytes)",
+            bytes.len()
+        );
     }
     assert!(
         matches!(st.rx.try_recv(&mut st.buf), Ok(None)),

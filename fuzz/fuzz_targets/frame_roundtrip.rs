@@ -60,7 +60,10 @@ fuzz_target!(|input: Input<'_>| {
         Err(e) => {
             assert_eq!(frame.header(), Err(e));
             assert_eq!(frame.encode(&mut out), Err(e));
-            assert!(out.iter().all(|&b| b == 0xA5), "a refused frame wrote bytes");
+            assert!(
+                out.iter().all(|&b| b == 0xA5),
+                "a refused frame wrote bytes"
+            );
         }
     }
 });
