@@ -3,13 +3,13 @@
 //! The Rust form of Node's `cluster.on('exit', (worker, code, signal) => ...)` example with
 //! `worker.exitedAfterDisconnect`. Five workers, respawn off (Node's manual mode):
 //!
-//! | worker | what happens                               | exit      | exitedAfterDisconnect |
-//! |--------|--------------------------------------------|-----------|-----------------------|
-//! | 1      | returns from its function                  | code 0    | false                 |
-//! | 2      | returns 7                                  | code 7    | false                 |
-//! | 3      | `primary.kill(3, Signal::TERM)`            | SIGTERM   | true                  |
-//! | 4      | `primary.signal(4, Signal::KILL)` (a crash) | SIGKILL   | false                 |
-//! | 5      | `primary.disconnect(5)`: it returns 0       | code 0    | true                  |
+//! | worker | what happens                               | exit    | exitedAfterDisconnect |
+//! |--------|--------------------------------------------|---------|-----------------------|
+//! | 1      | returns 0 from its function                | code 0  | false                 |
+//! | 2      | returns 7                                  | code 7  | false                 |
+//! | 3      | `primary.kill(3, Signal::TERM)`            | SIGTERM | true                  |
+//! | 4      | `primary.signal(4, Signal::KILL)`: a crash | SIGKILL | false                 |
+//! | 5      | `primary.disconnect(5)`: it returns 0      | code 0  | true                  |
 //!
 //! Every event is printed on stdout, one line each; the program exits 0 once all are gone.
 //!
@@ -51,6 +51,7 @@ fn main() -> forkcluster::Result<()> {
                 if exited_after_disconnect {
                     println!("worker {id}: Oh, it was just voluntary – no need to worry");
                 }
+                // Without respawn, the cluster would wait for work forever: leave when empty.
                 if primary.workers().next().is_none() {
                     break;
                 }
