@@ -1713,8 +1713,13 @@ impl Primary {
             shm: self.shm.clone(),
             slot,
         };
+        // A panic stops here, as in a `main` that panics (exit code 101): unwinding further
+        // would run the primary's stack frames, copied by fork, in this worker, and dropping
+        // its copy of the `Primary` would kill the worker's siblings.
+        let worker_fn = &mut self.worker_fn;
         let code = match Worker::new(init) {
-            Ok(w) => (self.worker_fn)(w),
+            Ok(w) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker_fn(w)))
+                .unwrap_or(101),
             Err(_) => 1,
         };
         let _ = std::io::stdout().flush();
