@@ -1622,6 +1622,8 @@ impl Primary {
         match sys::fork()? {
             Forked::Child => {
                 drop(mine);
+                // The primary's duplicate of this worker's end is not the worker's to hold.
+                drop(theirs_dup);
                 self.become_worker(theirs, id, slot, env)
             }
             Forked::Parent(pid) => {
