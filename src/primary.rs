@@ -532,16 +532,10 @@ impl Primary {
         Ok(n)
     }
 
-    /// Kills a worker with `signal` (Node's `worker.kill`): a planned exit, not respawned.
+    /// Sends `signal` to a worker (Node's `worker.kill`). As in Node, its exit is not a planned
+    /// one (`exited_after_disconnect` is false) and, with respawn on, it is replaced; to retire a
+    /// worker for good use [`disconnect`](Self::disconnect) or [`scale`](Self::scale).
     pub fn kill(&mut self, id: u32, signal: Signal) -> Result<()> {
-        let slot = self.find(id).ok_or(Error::NoSuchWorker(id))?;
-        self.retire(slot);
-        let w = self.slots[slot].w.as_ref().ok_or(Error::NoSuchWorker(id))?;
-        rustix::process::kill_process(w.pid, signal).call("kill")
-    }
-
-    /// Sends `signal` to a worker without marking its exit as planned.
-    pub fn signal(&mut self, id: u32, signal: Signal) -> Result<()> {
         let slot = self.find(id).ok_or(Error::NoSuchWorker(id))?;
         let w = self.slots[slot].w.as_ref().ok_or(Error::NoSuchWorker(id))?;
         rustix::process::kill_process(w.pid, signal).call("kill")
@@ -982,7 +976,7 @@ impl Primary {
     fn drain_pending(&mut self) {
         while let Some((fd, li)) = self.pending.pop_front() {
             if let Err(back) = self.dispatch(fd, li) {
-                let _ = self.pending.push_front(back);
+                self.pending.push_front(back);
                 break;
             }
         }
@@ -1097,6 +1091,12 @@ impl Primary {
         gen: u32,
     ) -> Option<(u32, usize, ArrayVec<OwnedFd, MAX_FDS>)> {
         for _ in 0..FRAME_BUDGET {
+            // Events queued by the frames read so far go out first, and the loop comes back
+            // for the rest: a message must not overtake the `Online` or `Listening` before it.
+            if !self.events.is_empty() {
+                self.ev_pos -= 1;
+                return None;
+            }
             let s = self.slots.get(slot)?;
             if s.gen != gen {
                 return None;
@@ -1505,10 +1505,8 @@ impl Primary {
             self.rearm();
         }
         let hang = self.settings.sup.hang_timeout;
-        let max_shared = match (self.settings.sup.max_requests, self.settings.schedule) {
-            (Some(_), Schedule::Shared) => true,
-            _ => false,
-        };
+        let max_shared =
+            self.settings.sup.max_requests.is_some() && self.settings.schedule == Schedule::Shared;
         for slot in 0..self.slots.len() {
             let base = slot * SLOT_WORDS;
             let beat = self.shm.slots()[base + W_BEAT].load(Ordering::Relaxed);
