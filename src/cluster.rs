@@ -381,7 +381,18 @@ impl Builder {
         }
         let mut listeners = Vec::with_capacity(self.specs.len());
         for spec in self.specs {
-            listeners.push(bind(spec, self.backlog)?);
+            match bind(spec, self.backlog) {
+                Ok(l) => listeners.push(l),
+                Err(e) => {
+                    // The socket files this start created go with it.
+                    for l in &listeners {
+                        if let Some(p) = &l.unlink {
+                            let _ = std::fs::remove_file(p);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         let settings = Settings {
             schedule: self.schedule,
