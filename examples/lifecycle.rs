@@ -7,8 +7,8 @@
 //! |--------|--------------------------------------------|---------|-----------------------|
 //! | 1      | returns 0 from its function                | code 0  | false                 |
 //! | 2      | returns 7                                  | code 7  | false                 |
-//! | 3      | `primary.kill(3, Signal::TERM)`            | SIGTERM | true                  |
-//! | 4      | `primary.signal(4, Signal::KILL)`: a crash | SIGKILL | false                 |
+//! | 3      | `primary.kill(3, Signal::TERM)`            | SIGTERM | false                 |
+//! | 4      | `primary.kill(4, Signal::KILL)`            | SIGKILL | false                 |
 //! | 5      | `primary.disconnect(5)`: it returns 0      | code 0  | true                  |
 //!
 //! Every event is printed on stdout, one line each; the program exits 0 once all are gone.
@@ -29,7 +29,7 @@ fn main() -> forkcluster::Result<()> {
                 println!("worker {id} online");
                 match id {
                     3 => primary.kill(id, Signal::TERM)?,
-                    4 => primary.signal(id, Signal::KILL)?,
+                    4 => primary.kill(id, Signal::KILL)?,
                     5 => primary.disconnect(id)?,
                     _ => {}
                 }

@@ -363,6 +363,8 @@ impl Worker {
 
     /// The next connection, message or disconnect request, waiting for one. `None` once the
     /// channel to the primary is closed and nothing is left.
+    // A lending iterator (a message borrows the worker's buffer), so not `Iterator::next`.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<Next<'_>>> {
         self.step(true)
     }

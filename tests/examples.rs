@@ -155,7 +155,7 @@ fn lifecycle() {
     let expected = [
         (1, "code 0", false),
         (2, "code 7", false),
-        (3, "SIGTERM", true),
+        (3, "SIGTERM", false),
         (4, "SIGKILL", false),
         (5, "code 0", true),
     ];
