@@ -1584,8 +1584,7 @@ fn wait_in_syscall(pid: i32, nr: libc::c_long) {
 
 fn peer_closes_while_receiver_blocks() {
     let (rx, tx) = Channel::pair().unwrap();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
         wait_in_syscall(parent, libc::SYS_recvmsg);
         drop(tx);
@@ -1660,9 +1659,10 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn install_usr1_without_restart() -> std::fs::File {
     let (r, w) = rustix::pipe::pipe().unwrap();
     NOTIFY_FD.store(w.as_raw_fd(), Ordering::SeqCst);
-    std::mem::forget(w); // the handler's, for the life of the test process
-                         // SAFETY: a zeroed sigaction is a valid start; the handler is an `extern "C" fn(c_int)`
-                         // that only touches atomics and write(2); sa_flags 0 leaves SA_RESTART off.
+    // The write end is the handler's now, for the life of the test process.
+    std::mem::forget(w);
+    // SAFETY: a zeroed sigaction is a valid start; the handler is an `extern "C" fn(c_int)` that
+    // only touches atomics and write(2); sa_flags 0 leaves SA_RESTART off.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
@@ -1685,8 +1685,7 @@ fn interrupt(pid: i32, nr: libc::c_long, notified: &mut std::fs::File) {
 fn recv_survives_eintr() {
     let mut notified = install_usr1_without_restart();
     let (a, b) = Channel::pair().unwrap();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
         interrupt(parent, libc::SYS_recvmsg, &mut notified);
         b.send(&Frame::new(Kind::Message, 42, b"after the signal"), &[])
@@ -1718,8 +1717,7 @@ fn send_survives_eintr() {
     {
         sent += 1;
     }
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
         interrupt(parent, libc::SYS_sendmsg, &mut notified);
         // Drain everything, including the frame whose send was interrupted.
