@@ -545,6 +545,15 @@ impl Primary {
     /// killed if it is still alive after the graceful timeout.
     pub fn disconnect(&mut self, id: u32) -> Result<()> {
         let slot = self.find(id).ok_or(Error::NoSuchWorker(id))?;
+        // Asked to leave, so not replaced (respawn is for exits nobody asked for): one worker
+        // fewer is wanted, as with `scale`.
+        if self.slots[slot]
+            .w
+            .as_ref()
+            .is_some_and(|w| !w.after_disconnect && !w.replaced && w.chan.is_some())
+        {
+            self.desired = self.desired.saturating_sub(1);
+        }
         self.disconnect_slot(slot, self.settings.sup.graceful_timeout);
         Ok(())
     }
