@@ -18,6 +18,12 @@ use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
 use crate::sys::SharedSlots;
 
+/// Shared schedule: how long a worker stops accepting after `EMFILE` and the like.
+const ACCEPT_PAUSE: rustix::time::Timespec = rustix::time::Timespec {
+    tv_sec: 0,
+    tv_nsec: 100_000_000,
+};
+
 /// Counters each worker keeps in the page it shares with the primary.
 pub(crate) const SLOT_WORDS: usize = 4;
 pub(crate) const W_BEAT: usize = 0;
@@ -165,6 +171,10 @@ pub struct Worker {
     schedule: Schedule,
     nonblocking: bool,
     epoll: Option<OwnedFd>,
+    /// Shared schedule: a timer in `epoll` that ends a pause in accepting (`EMFILE`...); the
+    /// listeners are out of `epoll` while `paused`.
+    pause_timer: Option<OwnedFd>,
+    paused: bool,
     seq: u32,
     listening_sent: bool,
     disconnecting: bool,
@@ -192,7 +202,7 @@ impl Worker {
         for (fd, family, addr) in init.listeners {
             listeners.push(WListener { fd, family, addr });
         }
-        let epoll = if init.schedule == Schedule::Shared && !listeners.is_empty() {
+        let (epoll, pause_timer) = if init.schedule == Schedule::Shared && !listeners.is_empty() {
             let ep = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
             epoll::add(
                 &ep,
@@ -212,9 +222,23 @@ impl Worker {
                     .call("epoll_ctl")?;
                 }
             }
-            Some(ep)
+            // Made now: when it is needed, the worker may have no fd to spare.
+            use rustix::time::{TimerfdClockId, TimerfdFlags};
+            let timer = rustix::time::timerfd_create(
+                TimerfdClockId::Monotonic,
+                TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+            )
+            .call("timerfd_create")?;
+            epoll::add(
+                &ep,
+                &timer,
+                epoll::EventData::new_u64(u64::MAX - 1),
+                epoll::EventFlags::IN,
+            )
+            .call("epoll_ctl")?;
+            (Some(ep), Some(timer))
         } else {
-            None
+            (None, None)
         };
         let w = Worker {
             id: init.id,
@@ -224,6 +248,8 @@ impl Worker {
             schedule: init.schedule,
             nonblocking: init.nonblocking,
             epoll,
+            pause_timer,
+            paused: false,
             seq: 0,
             listening_sent: false,
             disconnecting: false,
@@ -323,6 +349,8 @@ impl Worker {
     }
 
     fn stop_accepting(&mut self) {
+        // Closing the timer also takes it out of epoll: no wakeup is left pending.
+        self.pause_timer = None;
         for l in self.listeners.iter_mut() {
             if let Some(fd) = l.fd.take() {
                 if let Some(ep) = &self.epoll {
@@ -352,13 +380,72 @@ impl Worker {
                         self.count(W_CONNS);
                         return Ok(Some(self.stream(s, i)));
                     }
-                    Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+                    Err(Errno::INTR) | Err(Errno::CONNABORTED) | Err(Errno::PROTO) => continue,
                     Err(Errno::AGAIN) => break,
+                    // Out of fds or memory: failing would drop every connection this worker
+                    // serves, and retrying would spin. Pause (the connections wait in the
+                    // backlog or go to other workers) and try again after a moment.
+                    Err(Errno::MFILE) | Err(Errno::NFILE) | Err(Errno::NOBUFS)
+                    | Err(Errno::NOMEM) => {
+                        self.pause_accepting()?;
+                        return Ok(None);
+                    }
                     Err(e) => return Err(Error::os("accept4", e)),
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Takes the listeners out of epoll and arms the pause timer.
+    fn pause_accepting(&mut self) -> Result<()> {
+        let (Some(ep), Some(timer)) = (&self.epoll, &self.pause_timer) else {
+            return Ok(());
+        };
+        for l in &self.listeners {
+            if let Some(fd) = &l.fd {
+                // EPOLLEXCLUSIVE registrations cannot be modified, only removed.
+                let _ = epoll::delete(ep, fd);
+            }
+        }
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let when = rustix::time::Itimerspec {
+            it_interval: zero,
+            it_value: ACCEPT_PAUSE,
+        };
+        rustix::time::timerfd_settime(timer, rustix::time::TimerfdTimerFlags::empty(), &when)
+            .call("timerfd_settime")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Ends a pause once its timer has fired: the listeners go back into epoll.
+    fn resume_accepting(&mut self) -> Result<()> {
+        let (Some(ep), Some(timer)) = (&self.epoll, &self.pause_timer) else {
+            return Ok(());
+        };
+        let mut ticks = [0u8; 8];
+        match rustix::io::read(timer, &mut ticks) {
+            Ok(_) => {}
+            Err(Errno::AGAIN) => return Ok(()),
+            Err(e) => return Err(Error::os("read(timerfd)", e)),
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(fd) = &l.fd {
+                epoll::add(
+                    ep,
+                    fd,
+                    epoll::EventData::new_u64(i as u64),
+                    epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE,
+                )
+                .call("epoll_ctl")?;
+            }
+        }
+        self.paused = false;
+        Ok(())
     }
 
     /// The next connection, message or disconnect request, waiting for one. `None` once the
@@ -387,7 +474,10 @@ impl Worker {
             if self.closed {
                 return Ok(None);
             }
-            if self.epoll.is_some() && !self.disconnecting {
+            if self.paused && !self.disconnecting {
+                self.resume_accepting()?;
+            }
+            if self.epoll.is_some() && !self.disconnecting && !self.paused {
                 if let Some(c) = self.accept_one()? {
                     return Ok(Some(Next::Connection(c)));
                 }
