@@ -343,6 +343,8 @@ pub struct Primary {
     desired: usize,
     alive: usize,
     crash_streak: u32,
+    /// When the last worker died young (a crash of the streak).
+    last_crash: Option<Instant>,
     respawn_at: Option<Instant>,
     restart_queue: VecDeque<u32>,
     restart_active: usize,
@@ -441,6 +443,7 @@ impl Primary {
             desired: n,
             alive: 0,
             crash_streak: 0,
+            last_crash: None,
             respawn_at: None,
             restart_queue: VecDeque::with_capacity(max),
             restart_active: 0,
@@ -1395,7 +1398,21 @@ impl Primary {
                     .push_back(Ev::Fatal(w.id, status.code().unwrap_or(0)));
                 self.desired = self.desired.saturating_sub(1);
             } else if self.settings.sup.respawn {
-                if now.saturating_duration_since(w.started) < self.settings.sup.healthy_uptime {
+                let healthy = self.settings.sup.healthy_uptime;
+                if now.saturating_duration_since(w.started) < healthy {
+                    // A worker forked after the last crash has stayed up for the healthy
+                    // uptime: that crash loop is over, this crash starts a new streak.
+                    let over = self.last_crash.is_some_and(|t| {
+                        self.slots.iter().filter_map(|s| s.w.as_ref()).any(|o| {
+                            o.started > t
+                                && o.status.is_none()
+                                && now.saturating_duration_since(o.started) >= healthy
+                        })
+                    });
+                    if over {
+                        self.crash_streak = 0;
+                    }
+                    self.last_crash = Some(now);
                     self.crash_streak = self.crash_streak.saturating_add(1);
                     let min = self.settings.sup.backoff_min;
                     let shift = (self.crash_streak - 1).min(16);
