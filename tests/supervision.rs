@@ -27,6 +27,7 @@ fn main() {
     util::run(tests![
         respawn_after_sigkill,
         crash_loop_backs_off,
+        backoff_resets_once_a_respawned_worker_is_healthy,
         fatal_exit_code_is_not_respawned,
         graceful_stop_finishes_in_flight_request,
         graceful_timeout_kills_worker_that_ignores_disconnect,
@@ -519,6 +520,63 @@ fn crash_loop_backs_off() {
     let (st, _) = p.wait_exit(Duration::from_secs(5));
     assert!(exited_ok(st), "primary status {st:#x}");
     assert_eq!(p.ev.count("fork"), p.ev.count("exit"), "{}", p.ev.dump());
+}
+
+/// "Healthy uptime resets it": once a worker forked after the crash loop has stayed up for the
+/// healthy uptime, the loop is over, and a later crash starts again from the minimum delay (not
+/// from where the old streak left off).
+fn backoff_resets_once_a_respawned_worker_is_healthy() {
+    let flag = std::env::temp_dir().join(format!("forkcluster-crash-{}", std::process::id()));
+    std::fs::write(&flag, b"").unwrap();
+    let f = flag.clone();
+    let mut p = start_primary(
+        |b| {
+            b.workers(1).backoff(
+                Duration::from_millis(100),
+                Duration::from_millis(800),
+                Duration::from_millis(500),
+            )
+        },
+        move |w| {
+            if f.exists() {
+                return 1;
+            }
+            serve(w, Duration::ZERO)
+        },
+    );
+    // The loop: 100, 200, 400, 800 ms.
+    let ok = p.ev.wait(Duration::from_secs(3), |a| {
+        a.iter().filter(|e| e.k == "backoff").count() >= 4
+    });
+    assert!(ok, "no crash loop:\n{}", p.ev.dump());
+    std::fs::remove_file(&flag).unwrap();
+    // The next respawn lives: the loop is over once it has been up for the healthy uptime.
+    p.wait_listening(1);
+    p.ev.idle(Duration::from_millis(1000));
+    let backoffs = p.ev.count("backoff");
+    assert_eq!(backoffs, 4, "{}", p.ev.dump());
+    // A fresh worker (TTIN) that dies young: one crash, so the shortest delay.
+    p.signal(libc::SIGTTIN);
+    p.wait_listening(2);
+    let young = p.ev.of("fork").last().unwrap().a[1] as i32;
+    assert_eq!(unsafe { libc::kill(young, libc::SIGKILL) }, 0);
+    let ok = p.ev.wait(Duration::from_secs(2), |a| {
+        a.iter().filter(|e| e.k == "backoff").count() > backoffs
+    });
+    assert!(
+        ok,
+        "no Backoff for a young worker's crash:\n{}",
+        p.ev.dump()
+    );
+    assert_eq!(
+        p.ev.of("backoff")[backoffs].a,
+        vec![100],
+        "the streak of the old loop was not reset:\n{}",
+        p.ev.dump()
+    );
+    p.signal(libc::SIGTERM);
+    let (st, _) = p.wait_exit(Duration::from_secs(5));
+    assert!(exited_ok(st), "primary status {st:#x}");
 }
 
 // ---------------------------------------------------------------------------------------------
