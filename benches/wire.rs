@@ -17,9 +17,16 @@
 //! 48-byte payload (64 bytes on the wire) against C's default `-s 64`, the figures in
 //! `RESULTS.md`.
 //!
-//! **Ratios** are ours/C for rates and C/ours for latencies, so 1.00 means "as fast as C" in
-//! both cases. Each figure is the median of `WIRE_REPS` repetitions, ours and C interleaved (the
-//! order alternates per repetition). The `pinned_` set runs both processes on one CPU, as
+//! Every figure is followed by a `.cpu_ns_per_op` line: the CPU time (user + system, from
+//! `getrusage`) that both processes spent per frame, per fd or per round trip. Wall-clock rates
+//! on this shared VM swing by ±30 % between runs; the CPU cost per operation moves much less and
+//! is the better measure of what the channel's code costs.
+//!
+//! **Ratios** are ours/C for rates and C/ours for latencies and CPU costs, so 1.00 means "as
+//! fast as C" in every line. `ratio` compares the medians; `paired` is the median of the
+//! per-repetition ratios (ours and C of one repetition ran back to back). Each figure is the
+//! median of `WIRE_REPS` repetitions, ours and C interleaved (the order alternates per
+//! repetition). The `pinned_` set runs both processes on one CPU, as
 //! `scripts/ipc.sh` does with `taskset -c 0`: the bench pins itself before it forks (the worker
 //! inherits the mask) and pins each C program in `pre_exec`, which is what `taskset` does.
 //!
@@ -27,8 +34,8 @@
 //!
 //! Settings (environment): `WIRE_N` (one-way frames, 300000), `WIRE_PINGS` (10000),
 //! `WIRE_FD_N` (100000), `WIRE_REPS` (3), `WIRE_PIN` (1: also the pinned set), `WIRE_C` (1: run
-//! the C limits), `WIRE_NODE` (1),
-//! `PEERS_DIR` (the C sources, when `../shared/bench/peers/c` is not there). A free argument
+//! the C limits), `WIRE_NODE` (1), `PEERS_DIR` (the C sources, when `../shared/bench/peers/c`
+//! is not there). A free argument
 //! filters the figures by name (`cargo bench --bench wire -- rtt`; a `pinned_` prefix runs only
 //! the pinned set).
 //!
@@ -310,6 +317,19 @@ fn with_pin<T>(cpu: Option<usize>, f: impl FnOnce() -> R<T>) -> R<T> {
     let r = f();
     set_affinity(&saved)?;
     r
+}
+
+/// CPU time (user + system, ns) of this process (`RUSAGE_SELF`) or of its reaped children
+/// (`RUSAGE_CHILDREN`, which includes their reaped descendants).
+fn cpu_ns(who: libc::c_int) -> f64 {
+    // SAFETY: `ru` is a valid out-pointer of the right type.
+    let ru = unsafe {
+        let mut ru: libc::rusage = core::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 * 1e9 + tv.tv_usec as f64 * 1e3;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -672,47 +692,55 @@ fn list(v: &[f64], prec: usize) -> String {
     s.join(" ")
 }
 
-/// Prints one line: `name  ours  c=...  ratio=...  reps ...`. `higher_better` picks ours/C
-/// (rates) or C/ours (latencies) for the ratio.
+/// Prints one line: `name  ours  c=...  ratio=...  paired=...  reps ...`. `higher_better` picks
+/// ours/C (rates) or C/ours (latencies). `ratio` compares the medians; `paired` is the median of
+/// the per-repetition ratios (each rep's ours and C ran back to back, so they share the
+/// machine's load at that moment).
 fn line(name: &str, ours: &[f64], c: &[f64], prec: usize, higher_better: bool) {
     let o = median(ours.to_vec());
     if c.is_empty() {
         println!(
-            "{name:<34} {o:>11.prec$}  c=n/a          reps ours=[{}]",
+            "{name:<44} {o:>11.prec$}  c=n/a          reps ours=[{}]",
             list(ours, prec)
         );
         return;
     }
     let cm = median(c.to_vec());
-    let ratio = if higher_better { o / cm } else { cm / o };
+    let r = |o: f64, c: f64| if higher_better { o / c } else { c / o };
+    let paired = median(ours.iter().zip(c).map(|(&o, &c)| r(o, c)).collect());
     let cs = format!("c={cm:.prec$}");
     println!(
-        "{name:<34} {o:>11.prec$}  {cs:<13}  ratio={ratio:.2}   reps ours=[{}] c=[{}]",
+        "{name:<44} {o:>11.prec$}  {cs:<13}  ratio={:.2}  paired={paired:.2}   reps ours=[{}] c=[{}]",
+        r(o, cm),
         list(ours, prec),
         list(c, prec)
     );
 }
 
 /// Prints `fig`'s line(s); `tag` is appended to the name (an alternative C reference).
-fn report(prefix: &str, fig: &Fig, ours: &[Val], c: &[Val], tag: &str) {
-    let rates = |v: &[Val]| -> Vec<f64> {
+/// After the figure itself, a `.cpu_ns_per_op` line: the CPU time (user + system) that both
+/// processes spent per frame (per round trip for `rtt`), which the machine's noise moves much
+/// less than wall-clock rates.
+fn report(prefix: &str, fig: &Fig, ours: &[(Val, f64)], c: &[(Val, f64)], tag: &str) {
+    let rates = |v: &[(Val, f64)]| -> Vec<f64> {
         v.iter()
-            .filter_map(|x| match x {
-                Val::Rate(r) => Some(*r),
+            .filter_map(|x| match x.0 {
+                Val::Rate(r) => Some(r),
                 Val::Lat(..) => None,
             })
             .collect()
     };
-    let lat = |v: &[Val], p99: bool| -> Vec<f64> {
+    let lat = |v: &[(Val, f64)], p99: bool| -> Vec<f64> {
         v.iter()
-            .filter_map(|x| match x {
-                Val::Lat(a, b) => Some(if p99 { *b } else { *a }),
+            .filter_map(|x| match x.0 {
+                Val::Lat(a, b) => Some(if p99 { b } else { a }),
                 Val::Rate(_) => None,
             })
             .collect()
     };
+    let cpu = |v: &[(Val, f64)]| -> Vec<f64> { v.iter().map(|x| x.1).collect() };
     if ours.is_empty() {
-        println!("{prefix}{:<34} failed", fig.name);
+        println!("{prefix}{:<44} failed", fig.name);
         return;
     }
     match fig.test {
@@ -741,15 +769,39 @@ fn report(prefix: &str, fig: &Fig, ours: &[Val], c: &[Val], tag: &str) {
             true,
         ),
     }
+    line(
+        &format!("{prefix}{}{tag}.cpu_ns_per_op", fig.name),
+        &cpu(ours),
+        &cpu(c),
+        0,
+        false,
+    );
 }
 
 /// Runs the selected figures `cfg.reps` times, ours and C interleaved, and prints them. Returns
 /// our median headline one-way rate, if it ran.
 fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> Option<f64> {
     let prefix = if pin.is_some() { "pinned_" } else { "" };
-    let mut ours: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
-    let mut c: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
-    let mut c_alt: Vec<Vec<Val>> = vec![Vec::new(); figs.len()];
+    let mut ours: Vec<Vec<(Val, f64)>> = vec![Vec::new(); figs.len()];
+    let mut c: Vec<Vec<(Val, f64)>> = vec![Vec::new(); figs.len()];
+    let mut c_alt: Vec<Vec<(Val, f64)>> = vec![Vec::new(); figs.len()];
+    // CPU time of both processes (ours: the bench and its worker; C: the program and its
+    // child) per operation, warm-up round trips included.
+    let ops = |fig: &Fig| {
+        (fig.count(cfg)
+            + if fig.test == Test::PingPong {
+                WARMUP
+            } else {
+                0
+            }) as f64
+    };
+    let measure = |fig: &Fig, f: &mut dyn FnMut() -> R<Val>, with_self: bool| -> R<(Val, f64)> {
+        let (s0, c0) = (cpu_ns(libc::RUSAGE_SELF), cpu_ns(libc::RUSAGE_CHILDREN));
+        let v = f()?;
+        let (s1, c1) = (cpu_ns(libc::RUSAGE_SELF), cpu_ns(libc::RUSAGE_CHILDREN));
+        let cpu = (c1 - c0) + if with_self { s1 - s0 } else { 0.0 };
+        Ok((v, cpu / ops(fig)))
+    };
     for rep in 0..cfg.reps {
         for (k, fig) in figs.iter().enumerate() {
             let order: &[bool] = if rep % 2 == 0 {
@@ -759,17 +811,17 @@ fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> 
             };
             for &is_ours in order {
                 if is_ours {
-                    match run_ours(fig, cfg, pin) {
+                    match measure(fig, &mut || run_ours(fig, cfg, pin), true) {
                         Ok(v) => ours[k].push(v),
                         Err(e) => eprintln!("wire: {prefix}{} (ours): {e}", fig.name),
                     }
                 } else if let Some(bin) = cbin {
-                    match run_c(fig, cfg, bin, pin, false) {
+                    match measure(fig, &mut || run_c(fig, cfg, bin, pin, false), false) {
                         Ok(v) => c[k].push(v),
                         Err(e) => eprintln!("wire: {prefix}{} (C): {e}", fig.name),
                     }
                     if fig.c_alt {
-                        match run_c(fig, cfg, bin, pin, true) {
+                        match measure(fig, &mut || run_c(fig, cfg, bin, pin, true), false) {
                             Ok(v) => c_alt[k].push(v),
                             Err(e) => eprintln!("wire: {prefix}{} (C sendmsg): {e}", fig.name),
                         }
@@ -785,8 +837,8 @@ fn run_set(cfg: &Cfg, figs: &[Fig], cbin: Option<&Path>, pin: Option<usize>) -> 
             report(prefix, fig, &ours[k], &c_alt[k], "@c_sendmsg");
         }
         if fig.name == "oneway_frames_per_s" && !ours[k].is_empty() {
-            let v = ours[k].iter().filter_map(|x| match x {
-                Val::Rate(r) => Some(*r),
+            let v = ours[k].iter().filter_map(|x| match x.0 {
+                Val::Rate(r) => Some(r),
                 Val::Lat(..) => None,
             });
             headline = Some(median(v.collect()));
@@ -822,13 +874,13 @@ fn run_node(peers_c: &Path, cfg: &Cfg, ours_p2w: Option<f64>) {
     };
     if let Ok(v) = field(&out, "w2p", "msgs/s=") {
         println!(
-            "{:<34} {v:>11.0}  (reference, n={n})",
+            "{:<44} {v:>11.0}  (reference, n={n})",
             "node_w2p_msgs_per_s"
         );
     }
     if let Ok(v) = field(&out, "p2w", "msgs/s=") {
         println!(
-            "{:<34} {v:>11.0}  (reference, n={n}){}",
+            "{:<44} {v:>11.0}  (reference, n={n}){}",
             "node_p2w_msgs_per_s",
             vs(v)
         );
@@ -838,11 +890,11 @@ fn run_node(peers_c: &Path, cfg: &Cfg, ours_p2w: Option<f64>) {
         field(&out, "pingpong", "p99="),
     ) {
         println!(
-            "{:<34} {a:>11.2}  (reference, pings={pings})",
+            "{:<44} {a:>11.2}  (reference, pings={pings})",
             "node_rtt_p50_us"
         );
         println!(
-            "{:<34} {b:>11.2}  (reference, pings={pings})",
+            "{:<44} {b:>11.2}  (reference, pings={pings})",
             "node_rtt_p99_us"
         );
     }
@@ -898,7 +950,10 @@ fn main() {
     println!(
         "#   *@c_sendmsg: the same figure against fdpass_rate oneway-nofd (C with sendmsg/recvmsg)"
     );
-    println!("# ratio = ours/C for rates, C/ours for latencies: 1.00 = as fast as the C limit");
+    println!("#   *.cpu_ns_per_op: user+system CPU of both processes per frame / fd / round trip");
+    println!(
+        "# ratio = ours/C for rates, C/ours for latencies and CPU: 1.00 = as fast as the C limit"
+    );
 
     let ours_oneway = if cfg.pinned_only {
         None
