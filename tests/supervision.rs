@@ -526,7 +526,8 @@ fn crash_loop_backs_off() {
 /// healthy uptime, the loop is over, and a later crash starts again from the minimum delay (not
 /// from where the old streak left off).
 fn backoff_resets_once_a_respawned_worker_is_healthy() {
-    let flag = std::env::temp_dir().join(format!("forkcluster-crash-{}", std::process::id()));
+    let tmp = TempDir::new();
+    let flag = tmp.0.join("crash");
     std::fs::write(&flag, b"").unwrap();
     let f = flag.clone();
     let mut p = start_primary(
@@ -761,6 +762,23 @@ fn tied(path: &std::path::Path) -> Command {
     c
 }
 
+/// A scratch directory of this test's own, removed on drop (pass or fail).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let d = std::env::temp_dir().join(format!("forkcluster-sup-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A process the test spawned: killed and reaped on drop unless [`Spawned::wait`] reaped it.
 struct Spawned(Option<std::process::Child>);
 
@@ -814,8 +832,8 @@ fn rolling_restart_under_load_drops_nothing() {
         panic!("wrk is not installed (needed for the rolling restart test): apt-get install wrk")
     });
     let hello = hello_bin();
-    let dir = std::env::temp_dir().join(format!("forkcluster-sup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new();
+    let dir = &tmp.0;
     let log = dir.join("hello.err");
     let port = free_port();
     let mut server = Spawned(Some(
@@ -904,7 +922,6 @@ fn rolling_restart_under_load_drops_nothing() {
     assert_eq!(unsafe { libc::kill(hpid, libc::SIGTERM) }, 0);
     let st = server.wait(Duration::from_secs(15));
     assert!(st.success(), "hello exit status {st}:\n{}", read_log());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1138,8 +1155,8 @@ fn emfile_flood_pauses_accept_without_spinning() {
 /// connection it serves, and not spin), and take connections again once it has fds.
 fn shared_emfile_flood_pauses_worker_accept() {
     let hello = hello_bin();
-    let dir = std::env::temp_dir().join(format!("forkcluster-sup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new();
+    let dir = &tmp.0;
     let log = dir.join("hello-emfile.err");
     let port = free_port();
     let mut cmd = tied(&hello);
@@ -1208,7 +1225,6 @@ fn shared_emfile_flood_pauses_worker_accept() {
     assert_eq!(unsafe { libc::kill(hpid, libc::SIGTERM) }, 0);
     let st = server.wait(Duration::from_secs(15));
     assert!(st.success(), "hello exit status {st}:\n{}", read_log());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------
