@@ -167,7 +167,7 @@ pub(crate) type WorkerFn = Box<dyn FnMut(Worker) -> i32>;
 /// while let Some(event) = primary.next_event()? {
 ///     eprintln!("{event}");
 /// }
-/// # Ok::<(), forkcluster::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Builder {
     specs: Vec<Spec>,

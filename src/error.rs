@@ -20,7 +20,7 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 ///
 /// let e = Error::from(std::io::Error::from_raw_os_error(libc::EADDRINUSE));
 /// assert_eq!(e.raw_os_error(), Some(libc::EADDRINUSE));
-/// assert_eq!(e.to_string(), "system call failed: Address in use (os error 98)");
+/// assert_eq!(e.to_string(), "system call failed: Address already in use (os error 98)");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

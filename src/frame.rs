@@ -27,7 +27,7 @@
 //! | kind | value | direction | payload | fds | flags |
 //! |------|------:|-----------|---------|-----|-------|
 //! | [`Online`](Kind::Online) | 1 | worker → primary | empty | 0 | 0 |
-//! | [`Listening`](Kind::Listening) | 2 | worker → primary | listener index, `u16` | 0 | 0 |
+//! | [`Listening`](Kind::Listening) | 2 | worker → primary | listener index, `u16`; [`NO_LISTENER`] when the cluster has none (the worker reached its loop) | 0 | 0 |
 //! | [`Connection`](Kind::Connection) | 3 | primary → worker | listener index, `u16` | 1: the accepted socket | 0 |
 //! | [`Ack`](Kind::Ack) | 4 | worker → primary | count of connections, `u32` ≥ 1 (optional, see below) | 0 | bit 0 [`ACK_REFUSED`] |
 //! | [`Message`](Kind::Message) | 5 | both | application bytes | 0..=[`MAX_FDS`] | 0 |
@@ -81,6 +81,9 @@ pub const MAX_FRAME: usize = 4096;
 pub const MAX_PAYLOAD: usize = MAX_FRAME - HEADER_LEN;
 /// The most file descriptors one frame may carry.
 pub const MAX_FDS: usize = 8;
+/// The listener index a [`Listening`](Kind::Listening) frame carries when the cluster has no
+/// listener: the worker is ready for work (messages).
+pub const NO_LISTENER: u16 = u16::MAX;
 /// [`Ack`](Kind::Ack) flag: the worker did not take these connections and closed its copies;
 /// the primary hands them to another worker.
 pub const ACK_REFUSED: u8 = 0x01;

@@ -19,7 +19,7 @@ use rustix::process::{Pid, Signal, WaitOptions};
 use crate::channel::{Channel, Received, RecvBuf, Taken};
 use crate::cluster::{Family, ListenAddr, Listener, Schedule, Settings, WorkerFn};
 use crate::error::{Call, Error, Result};
-use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
+use crate::frame::{self, Frame, Kind, MAX_FDS, MAX_PAYLOAD};
 use crate::sys::{self, Forked, SharedSlots, SignalSet};
 use crate::worker::{Worker, WorkerInit, SLOT_WORDS, W_BEAT, W_CONNS, W_MSGS};
 
@@ -283,6 +283,8 @@ struct W {
     /// end of file: the primary learns of a worker's death from SIGCHLD.
     peer: Option<Channel>,
     in_ready: bool,
+    /// It became ready (listening; or online, without listeners) at least once.
+    ready: bool,
     /// Its queue is full (`EAGAIN`): it gets more when the channel is writable again.
     blocked: bool,
     /// A `Disconnect` waits for room in its queue.
@@ -1146,12 +1148,19 @@ impl Primary {
                             w.state = State::Online;
                         }
                         self.events.push_back(Ev::Online(id));
-                        if self.listeners.is_empty() {
-                            self.replacement_ready(slot);
-                        }
                     }
                     Kind::Listening => {
                         let li = listener.unwrap_or(u16::MAX) as usize;
+                        if li == frame::NO_LISTENER as usize && self.listeners.is_empty() {
+                            // A worker of a cluster without listeners reached its loop.
+                            let w = self.slots[slot].w.as_mut()?;
+                            if !w.ready {
+                                w.ready = true;
+                                w.beat_seen = Instant::now();
+                                self.replacement_ready(slot);
+                            }
+                            continue;
+                        }
                         if li >= self.listeners.len() {
                             self.worker_error(
                                 slot,
@@ -1163,6 +1172,7 @@ impl Primary {
                         let w = self.slots[slot].w.as_mut()?;
                         if matches!(w.state, State::Forked | State::Online) {
                             w.state = State::Listening;
+                            w.ready = true;
                             w.beat_seen = Instant::now();
                             self.make_ready(slot);
                             self.drain_pending();
@@ -1399,7 +1409,19 @@ impl Primary {
                 self.desired = self.desired.saturating_sub(1);
             } else if self.settings.sup.respawn {
                 let healthy = self.settings.sup.healthy_uptime;
-                if now.saturating_duration_since(w.started) < healthy {
+                let young = now.saturating_duration_since(w.started) < healthy;
+                if young && w.ready {
+                    // It was serving when it died (killed from outside, or a crash while
+                    // handling work): not a start-up crash loop. Respawn after the minimum delay
+                    // only, which still bounds forks to one per `backoff_min`.
+                    let delay = self.settings.sup.backoff_min;
+                    let at = now + delay;
+                    if self.respawn_at.map_or(true, |t| t < at) {
+                        self.respawn_at = Some(at);
+                    }
+                    self.events.push_back(Ev::Backoff(delay));
+                    self.arm_tick(at);
+                } else if young {
                     // A worker forked after the last crash has stayed up for the healthy
                     // uptime: that crash loop is over, this crash starts a new streak.
                     let over = self.last_crash.is_some_and(|t| {
@@ -1667,6 +1689,7 @@ impl Primary {
                     state: State::Forked,
                     peer: Some(theirs_dup),
                     in_ready: false,
+                    ready: false,
                     blocked: false,
                     disconnect_pending: false,
                     after_disconnect: false,

@@ -329,6 +329,10 @@ impl Worker {
 
     fn announce(&mut self) -> Result<()> {
         self.listening_sent = true;
+        if self.listeners.is_empty() {
+            let idx = crate::frame::NO_LISTENER.to_le_bytes();
+            return self.send_frame(&Frame::new(Kind::Listening, 0, &idx), &[]);
+        }
         for i in 0..self.listeners.len() {
             let idx = (i as u16).to_le_bytes();
             self.send_frame(&Frame::new(Kind::Listening, 0, &idx), &[])?;
