@@ -236,7 +236,9 @@ impl Builder {
         self
     }
 
-    /// How many workers to fork (default: `std::thread::available_parallelism()`).
+    /// How many workers to fork (default: one per CPU this process may run on, from
+    /// `sched_getaffinity`; this is `std::thread::available_parallelism()` without its cgroup
+    /// quota parsing, which costs a static binary several kilobytes).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -362,9 +364,7 @@ impl Builder {
         }
         let n = match self.workers {
             Some(n) => n,
-            None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            None => crate::sys::cpu_count(),
         };
         if n == 0 || n > self.max_workers {
             return Err(Error::Invalid(

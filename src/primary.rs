@@ -224,7 +224,11 @@ impl core::fmt::Display for Event<'_> {
                 write!(f, "worker {id} broke the protocol: {error}")
             }
             Event::Backoff { delay } => {
-                write!(f, "crash loop: respawning in {} ms", delay.as_millis())
+                write!(
+                    f,
+                    "crash loop: respawning in {} ms",
+                    delay.as_millis() as u64
+                )
             }
             Event::Fatal { id, code } => write!(
                 f,

@@ -27,11 +27,16 @@ pub(crate) enum Forked {
     Child,
 }
 
-/// Counts this process's threads (`/proc/self/task`).
+/// Counts this process's threads: procfs gives `/proc/self/task` a link count of 2 plus the
+/// number of threads (one `stat`, no directory walk). 1 when procfs is not mounted.
 pub(crate) fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1)
+    rustix::fs::stat("/proc/self/task")
+        .map_or(1, |st| (st.st_nlink as usize).saturating_sub(2).max(1))
+}
+
+/// The number of CPUs this process may run on (`sched_getaffinity`, what `nproc` prints).
+pub(crate) fn cpu_count() -> usize {
+    rustix::thread::sched_getaffinity(None).map_or(1, |set| set.count().max(1) as usize)
 }
 
 /// `fork(2)`.
