@@ -296,8 +296,12 @@ impl Builder {
         self
     }
 
-    /// Crash-loop backoff: a worker that dies before `healthy_uptime` (default 1 s) is respawned
-    /// after a delay that doubles from `min` (100 ms) up to `max` (10 s); healthy uptime resets it.
+    /// Crash-loop backoff. A worker that dies before it was ready (listening, or in its loop
+    /// when the cluster has no listener) and before `healthy_uptime` (default 1 s) is a start-up
+    /// crash: it is respawned after a delay that doubles from `min` (100 ms) up to `max` (10 s),
+    /// and a respawned worker that stays up for `healthy_uptime` resets the delay. A worker that
+    /// dies young after it was ready (killed while serving) is respawned after `min`: never more
+    /// than one fork per `min`, and no growing gap in service.
     pub fn backoff(mut self, min: Duration, max: Duration, healthy_uptime: Duration) -> Self {
         self.sup.backoff_min = min;
         self.sup.backoff_max = max.max(min);
