@@ -24,7 +24,9 @@ use rustix::event::epoll;
 
 const WORKER_TOKEN: u64 = u64::MAX;
 const MAX_CONNS: usize = 4096;
-const CONN_BUF: usize = 4096;
+/// Per-connection request buffer: requests here are a few hundred bytes at most; a larger
+/// header block is refused (connection closed).
+const CONN_BUF: usize = 1024;
 /// After a disconnect request, idle keep-alive connections get this long to send one more
 /// request (answered with `Connection: close`) before they are closed.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -244,8 +246,9 @@ impl Server {
 
     fn drop_conn(&mut self, i: usize) {
         if let Some(conn) = self.conns[i].take() {
-            // The primary may still hold a copy of the socket until this worker's
-            // acknowledgement arrives, so the fd is removed from epoll explicitly.
+            // The primary may still hold its copy of the socket for a moment after handing it
+            // over (it closes it right after `sendmsg`), so the fd is removed from epoll
+            // explicitly rather than by its last close.
             let _ = epoll::delete(&self.ep, &conn.c);
             self.free.push(i);
             self.open -= 1;

@@ -12,16 +12,16 @@ use crate::worker::Worker;
 
 /// The most listeners one cluster may have.
 pub const MAX_LISTENERS: usize = 16;
-/// The most connections the primary hands one worker before it acknowledges them.
-pub const MAX_IN_FLIGHT: usize = 16;
+/// The largest [`Builder::max_in_flight`].
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// How connections reach the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Schedule {
     /// The primary accepts each connection and passes its fd to the next ready worker
-    /// (Node's `SCHED_RR`, the default). Each worker holds at most
-    /// [`Builder::max_in_flight`] unacknowledged connections, so a stuck worker stops getting
-    /// work; a connection whose worker dies before taking it goes to another worker.
+    /// (Node's `SCHED_RR`, the default). About [`Builder::max_in_flight`] hand-offs wait in one
+    /// worker's queue at most, so a stuck worker stops getting work; a connection whose worker
+    /// dies before taking it goes to another worker.
     #[default]
     RoundRobin,
     /// Every worker accepts on the listener it inherited (Node's `SCHED_NONE`); the kernel
@@ -191,7 +191,7 @@ impl Cluster {
             specs: Vec::new(),
             workers: None,
             schedule: Schedule::RoundRobin,
-            in_flight: 8,
+            in_flight: 16,
             max_workers: 1024,
             nonblocking: false,
             backlog: 511,
@@ -250,8 +250,10 @@ impl Builder {
         self
     }
 
-    /// Round-robin: connections one worker may hold unacknowledged (1..=[`MAX_IN_FLIGHT`],
-    /// default 8; Node's is 1).
+    /// Round-robin: how many hand-offs may wait in one worker's queue before it gets no more
+    /// (1..=[`MAX_IN_FLIGHT`], default 16; Node's is 1). The bound is the send buffer of the
+    /// primary's end of the worker's channel, so it is approximate, and the kernel's smallest
+    /// buffer holds about 6.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.in_flight = n;
         self

@@ -749,6 +749,11 @@ impl Primary {
                         if flags.contains(epoll::EventFlags::OUT) {
                             self.on_writable(slot, gen);
                         }
+                        let readable =
+                            epoll::EventFlags::IN | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+                        if !flags.intersects(readable) {
+                            continue;
+                        }
                         if let Some((id, len, fds)) = self.on_channel(slot, gen) {
                             return Ok(Some(Event::Message {
                                 id,

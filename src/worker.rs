@@ -177,6 +177,8 @@ pub struct Worker {
     paused: bool,
     seq: u32,
     listening_sent: bool,
+    /// Shared schedule: the current drain of the listeners took a connection.
+    accepted: bool,
     disconnecting: bool,
     closed: bool,
     next_listener: usize,
@@ -252,6 +254,7 @@ impl Worker {
             paused: false,
             seq: 0,
             listening_sent: false,
+            accepted: false,
             disconnecting: false,
             closed: false,
             next_listener: 0,
@@ -483,8 +486,17 @@ impl Worker {
             }
             if self.epoll.is_some() && !self.disconnecting && !self.paused {
                 if let Some(c) = self.accept_one()? {
+                    self.accepted = true;
                     return Ok(Some(Next::Connection(c)));
                 }
+                // The listeners are drained. If that drain took connections, the channel is
+                // left for the next round: a waiting frame keeps the worker's fd readable, so it
+                // is read on the next wakeup, and a busy worker saves a `recvmsg` per wakeup.
+                if self.accepted && !wait {
+                    self.accepted = false;
+                    return Ok(None);
+                }
+                self.accepted = false;
             }
             // Take what is needed out of the frame so that the borrow of the buffer ends here;
             // a message's payload is borrowed again from the buffer when it is returned.
