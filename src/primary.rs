@@ -308,6 +308,17 @@ struct W {
     hung: bool,
 }
 
+impl W {
+    /// Signals the worker, unless it was reaped already: after `waitpid` its pid may belong to
+    /// another process, so a reaped worker is never signalled (before, its zombie holds the pid).
+    fn signal(&self, sig: Signal) -> rustix::io::Result<()> {
+        match self.status {
+            None => rustix::process::kill_process(self.pid, sig),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 struct Slot {
     gen: u32,
     w: Option<W>,
@@ -547,7 +558,7 @@ impl Primary {
     pub fn kill(&mut self, id: u32, signal: Signal) -> Result<()> {
         let slot = self.find(id).ok_or(Error::NoSuchWorker(id))?;
         let w = self.slots[slot].w.as_ref().ok_or(Error::NoSuchWorker(id))?;
-        rustix::process::kill_process(w.pid, signal).call("kill")
+        w.signal(signal).call("kill")
     }
 
     /// Asks a worker to stop taking work, finish and exit (Node's `worker.disconnect`). It is
@@ -598,7 +609,7 @@ impl Primary {
                 self.retire(slot);
                 let fast = self.settings.sup.fast_timeout;
                 if let Some(w) = self.slots[slot].w.as_mut() {
-                    let _ = rustix::process::kill_process(w.pid, Signal::TERM);
+                    let _ = w.signal(Signal::TERM);
                     w.kill_at = Some((now + fast, Signal::KILL));
                 }
                 self.arm_tick(now + fast);
@@ -1280,7 +1291,7 @@ impl Primary {
                     watch(self.epoll.as_ref(), chan, slot, gen, true);
                 }
                 Err(_) => {
-                    let _ = rustix::process::kill_process(w.pid, Signal::TERM);
+                    let _ = w.signal(Signal::TERM);
                 }
             }
         }
@@ -1577,7 +1588,7 @@ impl Primary {
                 };
                 if let Some((t, sig)) = w.kill_at {
                     if t <= now {
-                        let _ = rustix::process::kill_process(w.pid, sig);
+                        let _ = w.signal(sig);
                         w.kill_at = if sig == Signal::KILL {
                             None
                         } else {
@@ -1602,7 +1613,7 @@ impl Primary {
                     {
                         w.hung = true;
                         hung = Some(w.id);
-                        let _ = rustix::process::kill_process(w.pid, Signal::ABORT);
+                        let _ = w.signal(Signal::ABORT);
                         w.kill_at = Some((now + Duration::from_secs(1), Signal::KILL));
                     }
                 }
