@@ -115,6 +115,6 @@ mod worker;
 
 pub use cluster::{Builder, Cluster, ExitCode, ListenAddr, Schedule, MAX_IN_FLIGHT, MAX_LISTENERS};
 pub use error::{Error, Result};
-pub use primary::{Event, Primary, State, WorkerInfo};
+pub use primary::{ClusterStats, Event, Primary, State, WorkerInfo};
 pub use rustix::process::Signal;
 pub use worker::{Connection, Message, Next, Stream, Worker};

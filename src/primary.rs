@@ -81,6 +81,31 @@ pub struct WorkerInfo {
     pub since_heartbeat: Duration,
 }
 
+/// Counters of the whole cluster since the primary started (see [`Primary::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Workers forked.
+    pub forks: u64,
+    /// Workers that exited.
+    pub exits: u64,
+    /// Exits that were not asked for (crashes, outside kills): respawned when respawn is on.
+    pub crashes: u64,
+    /// Respawns delayed by the crash-loop backoff.
+    pub backoffs: u64,
+    /// Workers killed for not making progress.
+    pub hung: u64,
+    /// Workers recycled after `max_requests`.
+    pub recycled: u64,
+    /// Workers replaced by rolling restarts.
+    pub restarted: u64,
+    /// Workers that broke the protocol.
+    pub protocol_errors: u64,
+    /// Connections handed to workers (round-robin).
+    pub connections: u64,
+    /// Times accepting paused after an error such as `EMFILE`.
+    pub accept_pauses: u64,
+}
+
 /// Something that happened in the cluster. One line each through `Display`.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -319,6 +344,34 @@ impl W {
     }
 }
 
+/// The events waiting for the application, and the counters they feed.
+struct Events {
+    queue: VecDeque<Ev>,
+    stats: ClusterStats,
+}
+
+impl Events {
+    /// Queues an event for the application and counts it.
+    fn push(&mut self, ev: Ev) {
+        let c = &mut self.stats;
+        match ev {
+            Ev::Fork(..) => c.forks += 1,
+            Ev::Exit(_, _, _, after) => {
+                c.exits += 1;
+                c.crashes += u64::from(!after);
+            }
+            Ev::Backoff(_) => c.backoffs += 1,
+            Ev::Hung(_) => c.hung += 1,
+            Ev::Recycle(_) => c.recycled += 1,
+            Ev::Restart(..) => c.restarted += 1,
+            Ev::WorkerError(..) => c.protocol_errors += 1,
+            Ev::AcceptPaused(_) => c.accept_pauses += 1,
+            _ => {}
+        }
+        self.queue.push_back(ev);
+    }
+}
+
 struct Slot {
     gen: u32,
     w: Option<W>,
@@ -349,7 +402,7 @@ pub struct Primary {
     next_id: u32,
     ready: VecDeque<(u32, u32)>,
     pending: VecDeque<(OwnedFd, u16)>,
-    events: VecDeque<Ev>,
+    events: Events,
     evbuf: Box<[epoll::Event; EPOLL_EVENTS]>,
     ev_pos: usize,
     ev_len: usize,
@@ -444,7 +497,10 @@ impl Primary {
             next_id: 1,
             ready: VecDeque::with_capacity(max),
             pending: VecDeque::with_capacity(PENDING_MAX + max * settings.in_flight),
-            events: VecDeque::with_capacity(8 * max + 64),
+            events: Events {
+                queue: VecDeque::with_capacity(8 * max + 64),
+                stats: ClusterStats::default(),
+            },
             evbuf: Box::new(
                 [epoll::Event {
                     flags: epoll::EventFlags::empty(),
@@ -594,7 +650,7 @@ impl Primary {
             return;
         }
         self.run = Run::Stopping { graceful };
-        self.events.push_back(Ev::Stopping(graceful));
+        self.events.push(Ev::Stopping(graceful));
         self.restart_queue.clear();
         self.respawn_at = None;
         self.close_listeners();
@@ -641,7 +697,7 @@ impl Primary {
         }
         let n = n.clamp(1, self.settings.max_workers);
         self.desired = n;
-        self.events.push_back(Ev::Scale(n));
+        self.events.push(Ev::Scale(n));
         while self.active() > n {
             // The newest worker goes first.
             let Some(slot) = (0..self.slots.len())
@@ -686,6 +742,13 @@ impl Primary {
     /// The listeners' addresses, by index (the real port when the builder asked for port 0).
     pub fn listen_addrs(&self) -> impl Iterator<Item = &ListenAddr> {
         self.listeners.iter().map(|l| &l.addr)
+    }
+
+    /// Counters of the whole cluster: forks, exits, crashes, backoffs, hung and recycled workers,
+    /// restarts, protocol errors, connections handed out. Per-worker counters are in
+    /// [`workers`](Self::workers). Neither allocates.
+    pub fn stats(&self) -> ClusterStats {
+        self.events.stats
     }
 
     /// Whether a stop is under way.
@@ -740,7 +803,7 @@ impl Primary {
 
     fn wait(&mut self, deadline: Option<Instant>) -> Result<Option<Event<'_>>> {
         loop {
-            if let Some(ev) = self.events.pop_front() {
+            if let Some(ev) = self.events.queue.pop_front() {
                 return Ok(Some(self.public(ev)));
             }
             if self.run != Run::Running && self.alive == 0 {
@@ -909,7 +972,7 @@ impl Primary {
                 }
             }
             if let Some(e) = error {
-                self.events.push_back(Ev::AcceptPaused(e));
+                self.events.push(Ev::AcceptPaused(e));
             }
         }
         if error.is_some() {
@@ -957,6 +1020,7 @@ impl Primary {
                 Ok(()) => {
                     drop(fd);
                     w.dispatched += 1;
+                    self.events.stats.connections += 1;
                     let recycle = w.dispatched == w.max_conns && !w.replaced && !w.after_disconnect;
                     if w.state == State::Listening && !w.after_disconnect {
                         w.in_ready = true;
@@ -1127,7 +1191,7 @@ impl Primary {
         for _ in 0..FRAME_BUDGET {
             // Events queued by the frames read so far go out first, and the loop comes back
             // for the rest: a message must not overtake the `Online` or `Listening` before it.
-            if !self.events.is_empty() {
+            if !self.events.queue.is_empty() {
                 self.ev_pos -= 1;
                 return None;
             }
@@ -1167,7 +1231,7 @@ impl Primary {
                         if w.state == State::Forked {
                             w.state = State::Online;
                         }
-                        self.events.push_back(Ev::Online(id));
+                        self.events.push(Ev::Online(id));
                     }
                     Kind::Listening => {
                         let li = listener.unwrap_or(u16::MAX) as usize;
@@ -1188,7 +1252,7 @@ impl Primary {
                             );
                             return None;
                         }
-                        self.events.push_back(Ev::Listening(id, li));
+                        self.events.push(Ev::Listening(id, li));
                         let w = self.slots[slot].w.as_mut()?;
                         if matches!(w.state, State::Forked | State::Online) {
                             w.state = State::Listening;
@@ -1232,7 +1296,7 @@ impl Primary {
         let Some(w) = self.slots[slot].w.as_mut() else {
             return;
         };
-        self.events.push_back(Ev::WorkerError(w.id, error));
+        self.events.push(Ev::WorkerError(w.id, error));
         let at = Instant::now() + self.settings.sup.fast_timeout;
         if w.kill_at.is_none() {
             w.kill_at = Some((at, Signal::KILL));
@@ -1254,7 +1318,7 @@ impl Primary {
             }
             drop(chan);
             w.state = State::Disconnecting;
-            self.events.push_back(Ev::Disconnect(w.id));
+            self.events.push(Ev::Disconnect(w.id));
         }
         if w.status.is_some() {
             self.finish(slot);
@@ -1402,7 +1466,7 @@ impl Primary {
         let raw = w.status.unwrap_or(0);
         let pid = w.pid.as_raw_nonzero().get() as u32;
         self.events
-            .push_back(Ev::Exit(w.id, pid, raw, w.after_disconnect));
+            .push(Ev::Exit(w.id, pid, raw, w.after_disconnect));
         if let Some((old, restart)) = w.replaces {
             // A replacement died before it was ready: the old worker stays and is tried again.
             if let Some(old_slot) = self.find(old) {
@@ -1425,7 +1489,7 @@ impl Primary {
                 && status.code() == self.settings.sup.fatal_exit_code
             {
                 self.events
-                    .push_back(Ev::Fatal(w.id, status.code().unwrap_or(0)));
+                    .push(Ev::Fatal(w.id, status.code().unwrap_or(0)));
                 self.desired = self.desired.saturating_sub(1);
             } else if self.settings.sup.respawn {
                 let healthy = self.settings.sup.healthy_uptime;
@@ -1439,7 +1503,7 @@ impl Primary {
                     if self.respawn_at.map_or(true, |t| t < at) {
                         self.respawn_at = Some(at);
                     }
-                    self.events.push_back(Ev::Backoff(delay));
+                    self.events.push(Ev::Backoff(delay));
                     self.arm_tick(at);
                 } else if young {
                     // A worker forked after the last crash has stayed up for the healthy
@@ -1465,7 +1529,7 @@ impl Primary {
                     if self.respawn_at.map_or(true, |t| t < at) {
                         self.respawn_at = Some(at);
                     }
-                    self.events.push_back(Ev::Backoff(delay));
+                    self.events.push(Ev::Backoff(delay));
                     self.arm_tick(at);
                 } else {
                     self.crash_streak = 0;
@@ -1541,10 +1605,10 @@ impl Primary {
         if restart {
             self.restart_active = self.restart_active.saturating_sub(1);
             self.events
-                .push_back(Ev::Restart(old, new, self.restart_queue.len()));
+                .push(Ev::Restart(old, new, self.restart_queue.len()));
             self.step_restart();
             if self.restart_active == 0 && self.restart_queue.is_empty() {
-                self.events.push_back(Ev::RestartDone);
+                self.events.push(Ev::RestartDone);
             }
         }
     }
@@ -1559,7 +1623,7 @@ impl Primary {
         }
         w.replaced = true;
         let id = w.id;
-        self.events.push_back(Ev::Recycle(id));
+        self.events.push(Ev::Recycle(id));
         if self.spawn(&[], Some((id, false))).is_err() {
             if let Some(w) = self.slots[slot].w.as_mut() {
                 w.replaced = false;
@@ -1622,7 +1686,7 @@ impl Primary {
                 }
             }
             if let Some(id) = hung {
-                self.events.push_back(Ev::Hung(id));
+                self.events.push(Ev::Hung(id));
                 // No more work for it; what it holds is recovered when it is reaped.
                 self.unready(slot);
             }
@@ -1727,7 +1791,7 @@ impl Primary {
                 });
                 self.alive += 1;
                 self.events
-                    .push_back(Ev::Fork(id, pid.as_raw_nonzero().get() as u32));
+                    .push(Ev::Fork(id, pid.as_raw_nonzero().get() as u32));
                 Ok(id)
             }
         }

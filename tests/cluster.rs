@@ -50,6 +50,7 @@ fn main() {
         protocol_violations_are_contained,
         zero_allocations_on_the_hot_path => 30,
         primary_and_workers_survive_eintr,
+        per_worker_env_and_cluster_stats,
     ])
 }
 
@@ -2204,5 +2205,48 @@ fn primary_and_workers_survive_eintr() {
     for (_, pid) in &forks {
         assert!(util::alive(*pid as i32));
     }
+    finish(p);
+}
+
+/// Node's `cluster.fork(env)`: the builder's variables reach every worker, `fork_with_env`'s only
+/// that one; the cluster's counters follow forks, crashes and exits.
+fn per_worker_env_and_cluster_stats() {
+    let mut p = Cluster::builder()
+        .workers(1)
+        .respawn(false)
+        .env("FC_ALL", "everyone")
+        .start(|mut w: Worker| -> i32 {
+            let all = std::env::var("FC_ALL").unwrap_or_default();
+            let one = std::env::var("FC_ONE").unwrap_or_else(|_| "-".into());
+            w.send(format!("{all} {one}").as_bytes()).unwrap();
+            while let Ok(Some(n)) = w.next() {
+                if let Next::Disconnect = n {
+                    break;
+                }
+            }
+            0
+        })
+        .unwrap();
+    let second = p.fork_with_env(&[("FC_ONE", "only-me")]).unwrap();
+    let mut got = BTreeMap::new();
+    pump(&mut p, Duration::from_secs(10), |_, e| {
+        if let E::Message { id, payload, .. } = e {
+            got.insert(id, String::from_utf8(payload).unwrap());
+        }
+        got.len() == 2
+    });
+    assert_eq!(got[&1], "everyone -");
+    assert_eq!(got[&second], "everyone only-me");
+    let pid1 = p.worker(1).expect("worker 1 alive").pid;
+    kill(pid1, libc::SIGKILL);
+    until(&mut p, Duration::from_secs(10), |e| {
+        matches!(e, E::Exit { id: 1, .. })
+    });
+    let st = p.stats();
+    assert_eq!((st.forks, st.exits, st.crashes), (2, 1, 1), "{st:?}");
+    p.disconnect_all();
+    until(&mut p, Duration::from_secs(10), |e| matches!(e, E::Done));
+    let st = p.stats();
+    assert_eq!((st.forks, st.exits, st.crashes), (2, 2, 1), "{st:?}");
     finish(p);
 }
