@@ -15,6 +15,9 @@
 # Environment (defaults): DURATION=20 (s per server)  INTERVAL=0.2 (s)  WORKERS=2  CONNS=50
 #   THREADS=1  TIMEOUT=2s (wrk's request timeout)  SERVERS="hello node"
 #   NODE=/usr/bin/node (or node on PATH)  KEEP=1 keeps the temporary directory
+#   MODE=keep-alive|close (close: wrk sends `Connection: close`, one request per connection, so a
+#   kill can only fail the requests the dead worker was serving at that moment; with keep-alive
+#   every connection a dead worker held fails, whatever the server)
 #
 # Needs: wrk (apt-get install wrk), node, cargo. Run from anywhere (paths are resolved from this
 # script): the repo is its parent directory, ../shared a sibling of the repo. Bounded in time
@@ -40,6 +43,12 @@ die() { log "$*"; exit 2; }
 
 [[ $DURATION =~ ^[0-9]+$ ]] && [ "$DURATION" -gt 0 ] || die "DURATION must be whole seconds"
 command -v wrk >/dev/null || die "wrk not found: apt-get install wrk"
+MODE=${MODE:-keep-alive}
+case $MODE in
+  keep-alive) WRK_HEADER=() ;;
+  close) WRK_HEADER=(-H "Connection: close") ;;
+  *) die "MODE is keep-alive or close" ;;
+esac
 for s in $SERVERS; do
   case $s in
     hello) command -v cargo >/dev/null || die "cargo not found" ;;
@@ -150,7 +159,7 @@ run_one() {
   killer "$SERVER_PID" "$kills_f" &
   KILLER_PID=$!
   timeout -s KILL $((DURATION + 20)) \
-    wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout "$TIMEOUT" "http://127.0.0.1:$port/" \
+    wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --timeout "$TIMEOUT" "${WRK_HEADER[@]}" "http://127.0.0.1:$port/" \
     >"$out" 2>&1 &
   WRK_PID=$!
   wait "$WRK_PID"
@@ -194,7 +203,7 @@ for s in $SERVERS; do run_one "$s"; done
 per_kill() { awk -v f="$1" -v k="$2" 'BEGIN { if (k > 0) printf "%.3f", f / k; else print "n/a" }'; }
 
 echo
-echo "chaos: ${DURATION}s of wrk -t$THREADS -c$CONNS (keep-alive, --timeout $TIMEOUT), $WORKERS workers, SIGKILL of a random worker every ${INTERVAL}s"
+echo "chaos: ${DURATION}s of wrk -t$THREADS -c$CONNS ($MODE, --timeout $TIMEOUT), $WORKERS workers, SIGKILL of a random worker every ${INTERVAL}s"
 printf '%-28s %12s %10s %7s %16s\n' server requests failed kills failures/kill
 for s in $SERVERS; do
   case $s in

@@ -102,6 +102,7 @@ fn main() -> Result<(), forkcluster::Error> {
         .listen(o.listen)
         .schedule(o.schedule)
         .nonblocking_streams(true)
+        .defer_accept(5)
         .graceful_timeout(Duration::from_secs(10));
     if let Some(n) = o.workers {
         b = b.workers(n);
@@ -120,7 +121,15 @@ fn main() -> Result<(), forkcluster::Error> {
         }
         eprintln!("{event}");
     }
-    eprintln!("primary {}: all workers gone, bye", std::process::id());
+    let st = primary.stats();
+    eprintln!(
+        "primary {}: all workers gone ({} forks, {} crashes; {} connections handed out, {} recovered from workers that died before taking them)",
+        std::process::id(),
+        st.forks,
+        st.crashes,
+        st.connections,
+        st.recovered
+    );
     Ok(())
 }
 
@@ -242,6 +251,9 @@ impl Server {
             len: 0,
         });
         self.open += 1;
+        // With deferred accept the request is already here: serve it now rather than after
+        // another trip through epoll_wait.
+        self.readable(i);
     }
 
     fn drop_conn(&mut self, i: usize) {

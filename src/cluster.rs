@@ -177,6 +177,7 @@ pub struct Builder {
     max_workers: usize,
     nonblocking: bool,
     backlog: i32,
+    defer_accept: Option<u32>,
     env: Vec<(String, String)>,
     sup: Supervision,
 }
@@ -195,6 +196,7 @@ impl Cluster {
             max_workers: 1024,
             nonblocking: false,
             backlog: 511,
+            defer_accept: None,
             env: Vec::new(),
             sup: Supervision::default(),
         }
@@ -275,6 +277,16 @@ impl Builder {
     /// The listen backlog of the listeners the cluster binds (default 511, as Node and nginx).
     pub fn backlog(mut self, n: i32) -> Self {
         self.backlog = n;
+        self
+    }
+
+    /// TCP listeners accept a connection only once its client has sent data, or after `secs`
+    /// seconds (Linux `TCP_DEFER_ACCEPT`, nginx's `deferred`). For protocols where the client
+    /// speaks first (HTTP): a worker then gets connections it can serve at once, so fewer are in
+    /// its hands when it dies, and connections that never send anything cost no worker.
+    /// Not for protocols where the server speaks first (SMTP, SSH).
+    pub fn defer_accept(mut self, secs: u32) -> Self {
+        self.defer_accept = Some(secs);
         self
     }
 
@@ -387,7 +399,7 @@ impl Builder {
         }
         let mut listeners = Vec::with_capacity(self.specs.len());
         for spec in self.specs {
-            match bind(spec, self.backlog) {
+            match bind(spec, self.backlog, self.defer_accept) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     // The socket files this start created go with it.
@@ -422,7 +434,7 @@ pub(crate) struct Settings {
     pub(crate) sup: Supervision,
 }
 
-fn bind(spec: Spec, backlog: i32) -> Result<Listener> {
+fn bind(spec: Spec, backlog: i32, defer_accept: Option<u32>) -> Result<Listener> {
     let (fd, family, unlink) = match spec {
         Spec::Tcp(addr) => (
             OwnedFd::from(TcpListener::bind(addr).call("bind")?),
@@ -440,6 +452,9 @@ fn bind(spec: Spec, backlog: i32) -> Result<Listener> {
     // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
     // the shared schedule the workers race for each connection.
     rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
+    if let (Some(secs), Family::Tcp) = (defer_accept, family) {
+        crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
+    }
     let addr = local_addr(fd.as_fd(), family)?;
     Ok(Listener {
         fd,

@@ -102,6 +102,9 @@ pub struct ClusterStats {
     pub protocol_errors: u64,
     /// Connections handed to workers (round-robin).
     pub connections: u64,
+    /// Connections read back from the queue of a worker that died before receiving them, and
+    /// handed to another worker (round-robin).
+    pub recovered: u64,
     /// Times accepting paused after an error such as `EMFILE`.
     pub accept_pauses: u64,
 }
@@ -1122,6 +1125,7 @@ impl Primary {
                         if let Some(fd) = r.fds.pop() {
                             self.pending
                                 .push_back((fd, r.frame.listener().unwrap_or(0)));
+                            self.events.stats.recovered += 1;
                         }
                     }
                 }

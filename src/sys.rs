@@ -10,6 +10,7 @@
 //! | [`SignalSet`] | `sigprocmask(2)`, `signalfd(2)` | not in `rustix` outside its `runtime` module |
 //! | [`SharedSlots`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)` | turning the mapping into `&[AtomicU64]` |
 //! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
+//! | [`set_tcp_defer_accept`] | `setsockopt(TCP_DEFER_ACCEPT)` | not in `rustix` |
 
 #![allow(unsafe_code)]
 
@@ -37,6 +38,31 @@ pub(crate) fn thread_count() -> usize {
 /// The number of CPUs this process may run on (`sched_getaffinity`, what `nproc` prints).
 pub(crate) fn cpu_count() -> usize {
     rustix::thread::sched_getaffinity(None).map_or(1, |set| set.count().max(1) as usize)
+}
+
+/// `setsockopt(IPPROTO_TCP, TCP_DEFER_ACCEPT, secs)`: the kernel completes `accept` only once
+/// the client has sent data (or `secs` passed). Not in `rustix`.
+pub(crate) fn set_tcp_defer_accept(fd: std::os::fd::BorrowedFd<'_>, secs: u32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = secs.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: `fd` is a live socket borrowed for the call; the option value points to a c_int
+    // that lives across the call, and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::os(
+            "setsockopt(TCP_DEFER_ACCEPT)",
+            rustix::io::Errno::from_raw_os_error(errno()),
+        ));
+    }
+    Ok(())
 }
 
 /// `fork(2)`.
