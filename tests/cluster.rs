@@ -51,6 +51,7 @@ fn main() {
         zero_allocations_on_the_hot_path => 30,
         primary_and_workers_survive_eintr,
         per_worker_env_and_cluster_stats,
+        defer_accept_hands_over_only_connections_with_data,
     ])
 }
 
@@ -2248,5 +2249,87 @@ fn per_worker_env_and_cluster_stats() {
     until(&mut p, Duration::from_secs(10), |e| matches!(e, E::Done));
     let st = p.stats();
     assert_eq!((st.forks, st.exits, st.crashes), (2, 2, 1), "{st:?}");
+    finish(p);
+}
+
+/// `defer_accept`: a client that connects and sends nothing is not handed to any worker; once it
+/// sends, its connection is handed over and served.
+fn defer_accept_hands_over_only_connections_with_data() {
+    let mut p = Cluster::builder()
+        .listen(lo0())
+        .workers(2)
+        .defer_accept(5)
+        .start(|mut w: Worker| -> i32 {
+            let reply = reply(w.id(), 0);
+            while let Some(n) = w.next().expect("worker: next") {
+                match n {
+                    Next::Connection(mut c) => {
+                        // Read what the client sent (so that closing sends no reset), answer.
+                        let mut b = [0u8; 1];
+                        let _ = c.read(&mut b);
+                        let _ = c.write_all(&reply);
+                    }
+                    Next::Message(_) => {}
+                    Next::Disconnect => break,
+                }
+            }
+            0
+        })
+        .unwrap();
+    wait_ready(&mut p, 2);
+    let addr = tcp_addr(&p, 0);
+    // The client holds a silent connection for 600 ms, then reports how many connections the
+    // primary had handed out by then (read back below through stats), then sends a byte.
+    let (r, w) = pipe();
+    let rfd = r.as_raw_fd();
+    let (r2, w2) = pipe();
+    let w2fd = w2.as_raw_fd();
+    let pid = util::fork_child(move || {
+        close_all_but(&[0, 1, 2, rfd, w2fd]);
+        let mut s = connect(addr);
+        let mut gate = File::from(r);
+        let mut b = [0u8; 1];
+        // Wait for the primary's "checked" signal before speaking.
+        gate.read_exact(&mut b).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        File::from(w2).write_all(&reply).unwrap();
+        0
+    });
+    let _guard = util::KillOnDrop(pid);
+    let silent_until = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < silent_until {
+        let _ = ev(&mut p, STEP);
+    }
+    assert_eq!(
+        p.stats().connections,
+        0,
+        "a connection without data was handed over"
+    );
+    File::from(w).write_all(b"go").unwrap();
+    rustix::io::ioctl_fionbio(&r2, true).unwrap();
+    let mut out = File::from(r2);
+    let mut reply = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 1024];
+    while Instant::now() < end {
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = ev(&mut p, STEP);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        parse_reply(&reply).is_some(),
+        "no reply after the client spoke: {reply:?}"
+    );
+    assert_eq!(p.stats().connections, 1);
+    let st = util::wait_child(pid, Duration::from_secs(5));
+    std::mem::forget(_guard);
+    assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0);
     finish(p);
 }
