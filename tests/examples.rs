@@ -124,14 +124,7 @@ fn get(s: &mut TcpStream, extra_headers: &str) -> (String, String) {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = text(&buf[..head_end]);
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .expect("content-length");
+    let len: usize = util::content_length(&head).expect("content-length");
     while buf.len() < head_end + len {
         let n = s.read(&mut chunk).expect("read body");
         assert!(n > 0, "connection closed mid-body");

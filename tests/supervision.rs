@@ -398,14 +398,8 @@ fn body_of(resp: &str) -> Result<&str, String> {
     if !head.starts_with("HTTP/1.1 200 ") {
         return Err(format!("not 200: {resp:?}"));
     }
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .ok_or_else(|| format!("no content-length: {resp:?}"))?;
+    let len: usize =
+        util::content_length(head).ok_or_else(|| format!("no content-length: {resp:?}"))?;
     if body.len() != len {
         return Err(format!(
             "body {} bytes, expected {len}: {resp:?}",

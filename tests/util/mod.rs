@@ -244,3 +244,12 @@ pub fn wait_child(pid: i32, limit: Duration) -> i32 {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// The `Content-Length` of an HTTP header block (case-insensitive name).
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })
+}
