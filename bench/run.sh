@@ -148,6 +148,8 @@ cd "$SCRATCH/peers" || exit 2
 CMD[hello-rr]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
 CMD[hello-shared]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule shared"
 CMD[hello-rr-musl]="$HELLO_MUSL --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
+# hello without TCP_DEFER_ACCEPT, like the C servers (SERVERS="... hello-rr-nodefer")
+CMD[hello-rr-nodefer]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule rr --defer-accept 0"
 
 # ---------------------------------------------------------------------------------------------
 section_http() {

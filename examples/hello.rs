@@ -4,9 +4,11 @@
 //! ```text
 //! cargo run --release --example hello -- [--listen ADDR] [--workers N] [--schedule rr|shared]
 //!                                         [--max-requests N] [--hang-timeout SECS]
+//!                                         [--defer-accept SECS]
 //! ```
 //!
-//! Defaults: `127.0.0.1:8080`, one worker per CPU, round-robin. Every lifecycle event is one
+//! Defaults: `127.0.0.1:8080`, one worker per CPU, round-robin, max requests 1,000,000 (+10%
+//! jitter), hang timeout 30 s, deferred accept 5 s (`TCP_DEFER_ACCEPT`; 0 turns each off). Every lifecycle event is one
 //! line on stderr. SIGTERM and SIGQUIT stop gracefully, SIGINT fast, SIGHUP restarts every worker
 //! without dropping a request, SIGTTIN/SIGTTOU add or remove a worker; crashed workers are
 //! respawned (with backoff), hung ones killed and replaced. Exit status 0 after a stop.
@@ -37,12 +39,13 @@ struct Opts {
     schedule: Schedule,
     max_requests: u64,
     hang: u64,
+    defer: u32,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS]"
     );
     std::process::exit(2)
 }
@@ -56,6 +59,7 @@ fn opts() -> Opts {
         schedule: Schedule::RoundRobin,
         max_requests: 1_000_000,
         hang: 30,
+        defer: 5,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -84,6 +88,11 @@ fn opts() -> Opts {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --max-requests"))
             }
+            "--defer-accept" => {
+                o.defer = val()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --defer-accept"))
+            }
             "--hang-timeout" => {
                 o.hang = val()
                     .parse()
@@ -102,13 +111,16 @@ fn main() -> Result<(), forkcluster::Error> {
         .listen(o.listen)
         .schedule(o.schedule)
         .nonblocking_streams(true)
-        .defer_accept(5)
         .graceful_timeout(Duration::from_secs(10));
     if let Some(n) = o.workers {
         b = b.workers(n);
     }
     if o.max_requests > 0 {
         b = b.max_requests(o.max_requests, o.max_requests / 10);
+    }
+    if o.defer > 0 {
+        // HTTP clients speak first: hand over only connections whose request arrived.
+        b = b.defer_accept(o.defer);
     }
     if o.hang > 0 {
         b = b.hang_timeout(Duration::from_secs(o.hang));
