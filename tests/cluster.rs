@@ -52,6 +52,7 @@ fn main() {
         primary_and_workers_survive_eintr,
         per_worker_env_and_cluster_stats,
         defer_accept_hands_over_only_connections_with_data,
+        start_refuses_bad_settings_and_threads,
     ])
 }
 
@@ -2332,4 +2333,36 @@ fn defer_accept_hands_over_only_connections_with_data() {
     std::mem::forget(_guard);
     assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0);
     finish(p);
+}
+
+/// `start` fails with a clear error, forks nothing and leaves no fd behind, when the process has
+/// another thread (fork would be unsound) or a setting cannot work.
+fn start_refuses_bad_settings_and_threads() {
+    let before = util::fd_count();
+    let err = |b: forkcluster::Builder| b.start(|_w: Worker| 0).map(drop).unwrap_err();
+    assert!(matches!(
+        err(Cluster::builder().workers(0)),
+        Error::Invalid(_)
+    ));
+    assert!(matches!(
+        err(Cluster::builder().workers(3).max_workers(2)),
+        Error::Invalid(_)
+    ));
+    assert!(matches!(
+        err(Cluster::builder().max_in_flight(0)),
+        Error::Invalid(_)
+    ));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let _ = rx.recv();
+    });
+    let e = err(Cluster::builder().workers(1).listen(lo0()));
+    assert!(
+        matches!(e, Error::Invalid(m) if m.contains("thread")),
+        "{e}"
+    );
+    tx.send(()).unwrap();
+    t.join().unwrap();
+    assert!(util::children_of(me()).is_empty(), "a refused start forked");
+    assert_eq!(util::fd_count(), before, "a refused start left fds open");
 }
