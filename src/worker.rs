@@ -512,8 +512,9 @@ impl Worker {
                     mut fds,
                 })) => match kind {
                     Kind::Connection => {
+                        // No shared-memory count here: in round-robin the primary counts the
+                        // hand-offs itself, so that would be dead work per connection.
                         let Some(fd) = fds.pop() else { continue };
-                        self.count(W_CONNS);
                         let c = self.stream(fd, listener.unwrap_or(0) as usize);
                         return Ok(Some(Next::Connection(c)));
                     }
