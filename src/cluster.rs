@@ -1,110 +1,15 @@
 //! The builder: settings, listeners, and the fork of the first workers.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::error::{Call, Error, Result};
+use crate::error::{Error, Result};
+use crate::listener::{self, Family, Spec};
 use crate::primary::Primary;
-use crate::worker::Worker;
-
-/// The most listeners one cluster may have.
-pub const MAX_LISTENERS: usize = 16;
-/// The largest [`Builder::max_in_flight`].
-pub const MAX_IN_FLIGHT: usize = 256;
-
-/// How connections reach the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Schedule {
-    /// The primary accepts each connection and passes its fd to the next ready worker
-    /// (Node's `SCHED_RR`, the default). About [`Builder::max_in_flight`] hand-offs wait in one
-    /// worker's queue at most, so a stuck worker stops getting work; a connection whose worker
-    /// dies before taking it goes to another worker.
-    #[default]
-    RoundRobin,
-    /// Every worker accepts on the listener it inherited (Node's `SCHED_NONE`); the kernel
-    /// picks which worker (one wakeup per connection: `EPOLLEXCLUSIVE`).
-    Shared,
-}
-
-/// The address a listener is bound to.
-#[derive(Debug, Clone)]
-pub enum ListenAddr {
-    /// A TCP socket (IPv4 or IPv6).
-    Tcp(SocketAddr),
-    /// A Unix stream socket.
-    Unix(std::os::unix::net::SocketAddr),
-}
-
-impl core::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(a) => match a.as_pathname() {
-                Some(p) => write!(f, "unix:{}", p.display()),
-                None => f.write_str("unix:(unnamed)"),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Family {
-    Tcp,
-    Unix,
-}
-
-/// A bound, listening socket of the cluster.
-#[derive(Debug)]
-pub(crate) struct Listener {
-    pub(crate) fd: OwnedFd,
-    pub(crate) family: Family,
-    pub(crate) addr: ListenAddr,
-    /// A Unix path this cluster created and removes when the primary is dropped.
-    pub(crate) unlink: Option<PathBuf>,
-}
-
-enum Spec {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-    Bound(OwnedFd, Family),
-}
-
-/// Settings of the supervisor (see [`Builder`] for each).
-#[derive(Debug, Clone)]
-pub(crate) struct Supervision {
-    pub(crate) respawn: bool,
-    pub(crate) fatal_exit_code: Option<i32>,
-    pub(crate) backoff_min: Duration,
-    pub(crate) backoff_max: Duration,
-    pub(crate) healthy_uptime: Duration,
-    pub(crate) graceful_timeout: Duration,
-    pub(crate) fast_timeout: Duration,
-    pub(crate) restart_batch: usize,
-    pub(crate) hang_timeout: Option<Duration>,
-    pub(crate) max_requests: Option<(u64, u64)>,
-    pub(crate) signals: bool,
-}
-
-impl Default for Supervision {
-    fn default() -> Self {
-        Supervision {
-            respawn: true,
-            fatal_exit_code: None,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
-            healthy_uptime: Duration::from_secs(1),
-            graceful_timeout: Duration::from_secs(30),
-            fast_timeout: Duration::from_secs(1),
-            restart_batch: 1,
-            hang_timeout: None,
-            max_requests: None,
-            signals: true,
-        }
-    }
-}
+use crate::settings::{Schedule, Settings, Supervision, MAX_IN_FLIGHT, MAX_LISTENERS};
 
 /// What the worker function returns becomes the worker's exit code.
 ///
@@ -138,8 +43,6 @@ impl<T: ExitCode, E: core::fmt::Debug> ExitCode for core::result::Result<T, E> {
         }
     }
 }
-
-pub(crate) type WorkerFn = Box<dyn FnMut(Worker) -> i32>;
 
 /// Builds and starts a cluster.
 ///
@@ -230,11 +133,7 @@ impl Builder {
 
     /// Uses any listening stream socket (TCP or Unix; the family is read from the socket).
     pub fn listener_fd(mut self, fd: OwnedFd) -> Self {
-        let family = match rustix::net::getsockname(&fd).map(|a| a.address_family()) {
-            Ok(rustix::net::AddressFamily::UNIX) => Family::Unix,
-            _ => Family::Tcp,
-        };
-        self.specs.push(Spec::Bound(fd, family));
+        self.specs.push(Spec::bound(fd));
         self
     }
 
@@ -372,7 +271,7 @@ impl Builder {
     /// single-threaded: start the cluster before spawning threads.
     pub fn start<F, R>(self, mut worker: F) -> Result<Primary>
     where
-        F: FnMut(Worker) -> R + 'static,
+        F: FnMut(crate::Worker) -> R + 'static,
         R: ExitCode,
     {
         if crate::sys::thread_count() > 1 {
@@ -384,6 +283,11 @@ impl Builder {
             Some(n) => n,
             None => crate::sys::cpu_count(),
         };
+        if self.max_workers == 0 || self.max_workers > crate::primary::MAX_WORKERS {
+            return Err(Error::Invalid(
+                "max_workers must be between 1 and 2^24 (the epoll token's slot field)",
+            ));
+        }
         if n == 0 || n > self.max_workers {
             return Err(Error::Invalid(
                 "worker count must be between 1 and max_workers",
@@ -399,15 +303,11 @@ impl Builder {
         }
         let mut listeners = Vec::with_capacity(self.specs.len());
         for spec in self.specs {
-            match bind(spec, self.backlog, self.defer_accept) {
+            match listener::bind(spec, self.backlog, self.defer_accept) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     // The socket files this start created go with it.
-                    for l in &listeners {
-                        if let Some(p) = &l.unlink {
-                            let _ = std::fs::remove_file(p);
-                        }
-                    }
+                    listener::unlink_all(&listeners);
                     return Err(e);
                 }
             }
@@ -422,54 +322,4 @@ impl Builder {
         };
         Primary::start(settings, listeners, n, Box::new(move |w| worker(w).code()))
     }
-}
-
-/// Everything the builder decided, handed to the primary.
-pub(crate) struct Settings {
-    pub(crate) schedule: Schedule,
-    pub(crate) in_flight: usize,
-    pub(crate) max_workers: usize,
-    pub(crate) nonblocking: bool,
-    pub(crate) env: Vec<(String, String)>,
-    pub(crate) sup: Supervision,
-}
-
-fn bind(spec: Spec, backlog: i32, defer_accept: Option<u32>) -> Result<Listener> {
-    let (fd, family, unlink) = match spec {
-        Spec::Tcp(addr) => (
-            OwnedFd::from(TcpListener::bind(addr).call("bind")?),
-            Family::Tcp,
-            None,
-        ),
-        Spec::Unix(path) => (
-            OwnedFd::from(UnixListener::bind(&path).call("bind")?),
-            Family::Unix,
-            Some(path),
-        ),
-        Spec::Bound(fd, family) => (fd, family, None),
-    };
-    rustix::net::listen(&fd, backlog).call("listen")?;
-    // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
-    // the shared schedule the workers race for each connection.
-    rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
-    if let (Some(secs), Family::Tcp) = (defer_accept, family) {
-        crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
-    }
-    let addr = local_addr(fd.as_fd(), family)?;
-    Ok(Listener {
-        fd,
-        family,
-        addr,
-        unlink,
-    })
-}
-
-fn local_addr(fd: std::os::fd::BorrowedFd<'_>, family: Family) -> Result<ListenAddr> {
-    let owned = fd.try_clone_to_owned().call("fcntl(F_DUPFD_CLOEXEC)")?;
-    Ok(match family {
-        Family::Tcp => ListenAddr::Tcp(TcpListener::from(owned).local_addr().call("getsockname")?),
-        Family::Unix => {
-            ListenAddr::Unix(UnixListener::from(owned).local_addr().call("getsockname")?)
-        }
-    })
 }

@@ -109,12 +109,17 @@ pub mod channel;
 mod cluster;
 mod error;
 pub mod frame;
+mod heartbeat;
+mod listener;
 mod primary;
+mod settings;
 mod sys;
 mod worker;
 
-pub use cluster::{Builder, Cluster, ExitCode, ListenAddr, Schedule, MAX_IN_FLIGHT, MAX_LISTENERS};
+pub use cluster::{Builder, Cluster, ExitCode};
 pub use error::{Error, Result};
+pub use listener::ListenAddr;
 pub use primary::{ClusterStats, Event, Primary, State, WorkerInfo};
 pub use rustix::process::Signal;
+pub use settings::{Schedule, MAX_IN_FLIGHT, MAX_LISTENERS};
 pub use worker::{Connection, Message, Next, Stream, Worker};

@@ -1,6 +1,5 @@
 //! The worker side: the next connection, message or disconnect request; sending to the primary.
 
-use core::sync::atomic::Ordering;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -13,10 +12,11 @@ use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
 use crate::channel::{Channel, Received, RecvBuf, Taken};
-use crate::cluster::{Family, ListenAddr, Schedule, MAX_LISTENERS};
 use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
-use crate::sys::SharedSlots;
+use crate::heartbeat::{Board, Own};
+use crate::listener::{Family, ListenAddr};
+use crate::settings::{Schedule, MAX_LISTENERS};
 
 /// Shared schedule: how long a worker stops accepting after `EMFILE` and the like.
 const ACCEPT_PAUSE: rustix::time::Timespec = rustix::time::Timespec {
@@ -24,11 +24,9 @@ const ACCEPT_PAUSE: rustix::time::Timespec = rustix::time::Timespec {
     tv_nsec: 100_000_000,
 };
 
-/// Counters each worker keeps in the page it shares with the primary.
-pub(crate) const SLOT_WORDS: usize = 4;
-pub(crate) const W_BEAT: usize = 0;
-pub(crate) const W_CONNS: usize = 1;
-pub(crate) const W_MSGS: usize = 2;
+/// The worker function, as the primary keeps it: it runs in each forked worker and returns its
+/// exit code.
+pub(crate) type WorkerFn = Box<dyn FnMut(Worker) -> i32>;
 
 /// An accepted stream: TCP or Unix.
 #[derive(Debug)]
@@ -182,9 +180,7 @@ pub struct Worker {
     disconnecting: bool,
     closed: bool,
     next_listener: usize,
-    beats: u64,
-    shm: Rc<SharedSlots>,
-    slot: usize,
+    page: Own,
 }
 
 /// What the primary hands a new worker (in the child, after fork).
@@ -194,7 +190,7 @@ pub(crate) struct WorkerInit {
     pub(crate) listeners: Vec<(Option<OwnedFd>, Family, ListenAddr)>,
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
-    pub(crate) shm: Rc<SharedSlots>,
+    pub(crate) board: Rc<Board>,
     pub(crate) slot: usize,
 }
 
@@ -258,9 +254,7 @@ impl Worker {
             disconnecting: false,
             closed: false,
             next_listener: 0,
-            beats: 0,
-            shm: init.shm,
-            slot: init.slot,
+            page: Own::new(init.board, init.slot),
         };
         w.send_frame(&Frame::new(Kind::Online, 0, &[]), &[])?;
         Ok(w)
@@ -297,14 +291,7 @@ impl Worker {
 
     #[inline]
     fn beat(&mut self, idle: bool) {
-        self.beats += 1;
-        self.shm.slots()[self.slot * SLOT_WORDS + W_BEAT]
-            .store(self.beats << 1 | idle as u64, Ordering::Relaxed);
-    }
-
-    #[inline]
-    fn count(&self, which: usize) {
-        self.shm.slots()[self.slot * SLOT_WORDS + which].fetch_add(1, Ordering::Relaxed);
+        self.page.beat(idle);
     }
 
     /// Sends bytes to the primary (an [`Event::Message`](crate::Event::Message) there). Waits
@@ -384,7 +371,7 @@ impl Worker {
                 match rustix::net::accept_with(fd, flags) {
                     Ok(s) => {
                         self.next_listener = (i + 1) % n;
-                        self.count(W_CONNS);
+                        self.page.count_conn();
                         return Ok(Some(self.stream(s, i)));
                     }
                     Err(Errno::INTR) | Err(Errno::CONNABORTED) | Err(Errno::PROTO) => continue,
@@ -519,7 +506,7 @@ impl Worker {
                         return Ok(Some(Next::Connection(c)));
                     }
                     Kind::Message => {
-                        self.count(W_MSGS);
+                        self.page.count_msg();
                         return Ok(Some(Next::Message(Message {
                             payload: self.rbuf.payload(len),
                             fds,

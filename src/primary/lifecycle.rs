@@ -1,0 +1,183 @@
+//! The end of a worker's life as the primary's system calls see it: signals read from the
+//! `signalfd`, reaping, the channel closing, the `Disconnect` request going out, and the final
+//! `Exit`. What each of these means for the cluster is the supervisor's to decide.
+
+use std::time::Instant;
+
+use rustix::io::Errno;
+use rustix::process::{Signal, WaitOptions};
+
+use super::events::Ev;
+use super::table::{watch, State};
+use super::Primary;
+use crate::error::{Error, Result};
+use crate::frame::{Frame, Kind};
+
+impl Primary {
+    /// The signalfd is readable: SIGCHLD reaps; the others are the supervisor's.
+    pub(super) fn on_signal(&mut self) -> Result<()> {
+        let mut buf = [0u8; 128 * 8];
+        let mut chld = false;
+        loop {
+            let Some(fd) = self.sigfd.as_ref() else {
+                return Ok(());
+            };
+            match rustix::io::read(fd, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    for info in buf[..n].chunks_exact(128) {
+                        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
+                        if signo == libc::SIGCHLD {
+                            chld = true;
+                        } else {
+                            self.sup.on_signal(signo, Instant::now());
+                            self.apply();
+                        }
+                    }
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => break,
+                Err(e) => return Err(Error::os("read(signalfd)", e)),
+            }
+        }
+        if chld {
+            self.reap();
+        }
+        Ok(())
+    }
+
+    /// Reaps our workers only (`waitpid(pid, WNOHANG)` per worker: never `waitpid(-1)`, which
+    /// would steal the exit status of the application's other children).
+    fn reap(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.table.len() {
+            let Some(w) = self.table.get_mut(slot) else {
+                continue;
+            };
+            if w.status.is_some() {
+                continue;
+            }
+            let r = loop {
+                match rustix::process::waitpid(Some(w.pid), WaitOptions::NOHANG) {
+                    Err(Errno::INTR) => continue,
+                    other => break other,
+                }
+            };
+            match r {
+                Ok(Some((_, st))) => w.status = Some(raw_status(st)),
+                Ok(None) => continue,
+                // ECHILD: not our child any more (reaped elsewhere). Report it as killed.
+                Err(_) => w.status = Some(libc::SIGKILL),
+            }
+            self.after_reap(slot, now);
+        }
+        self.sup.respawn(now);
+        self.apply();
+    }
+
+    /// A worker was reaped: take back the connections it never received; once everything it
+    /// sent was read (its channel reports end of file, now that the primary's duplicate of the
+    /// worker's end is closed) it is finished. A channel kept open by a grandchild that
+    /// inherited it is closed after a second.
+    fn after_reap(&mut self, slot: usize, now: Instant) {
+        self.recover(slot);
+        let open = self.table.get(slot).is_some_and(|w| w.chan.is_some());
+        self.sup.reaped(slot, now, open);
+        self.apply();
+        if !open {
+            self.finish(slot);
+        }
+        self.drain_pending();
+    }
+
+    /// The primary's end of a worker's channel is done with: the worker exited (and all it sent
+    /// was read), sent `Close`, or broke the protocol.
+    pub(super) fn channel_closed(&mut self, slot: usize) {
+        self.unready(slot);
+        let Some(w) = self.table.get_mut(slot) else {
+            return;
+        };
+        let reaped = w.status.is_some();
+        if let Some(chan) = w.chan.take() {
+            if let Some(ep) = &self.epoll {
+                let _ = epoll_delete(ep, &chan);
+            }
+            drop(chan);
+            w.state = State::Disconnecting;
+            let id = w.id;
+            self.events.push(Ev::Disconnect(id));
+        }
+        if reaped {
+            self.finish(slot);
+        }
+        self.drain_pending();
+        self.sup.channel_closed(slot, Instant::now());
+        self.apply();
+    }
+
+    /// The worker's channel is closed and it was reaped: report `Exit`, free the slot, and let
+    /// the supervisor decide about a respawn.
+    fn finish(&mut self, slot: usize) {
+        self.recover(slot);
+        let Some(w) = self.table.remove(slot) else {
+            return;
+        };
+        self.alive -= 1;
+        let raw = w.status.unwrap_or(0);
+        self.events
+            .push(Ev::Exit(w.id, w.pid_u32(), raw, w.leaving));
+        self.sup.exited(slot, raw, Instant::now());
+        self.apply();
+    }
+
+    /// Carries out the supervisor's `Disconnect`: no more work, and a `Disconnect` frame (after
+    /// what is queued, if the queue is full; SIGTERM if the channel is broken).
+    pub(super) fn send_disconnect(&mut self, slot: usize) {
+        self.retire(slot);
+        let gen = self.table.gen(slot);
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let Some(w) = self.table.get_mut(slot) else {
+            return;
+        };
+        if let Some(chan) = &w.chan {
+            match chan.try_send(&Frame::new(Kind::Disconnect, seq, &[]), &[]) {
+                Ok(()) => {}
+                // Its queue is full: the request goes out, after what is queued, as soon as
+                // the channel is writable.
+                Err(e) if e.is_would_block() => {
+                    w.disconnect_pending = true;
+                    w.blocked = true;
+                    watch(self.epoll.as_ref(), chan, slot, gen, true);
+                }
+                Err(_) => {
+                    let _ = w.signal(Signal::TERM);
+                }
+            }
+        }
+        w.state = State::Disconnecting;
+    }
+
+    /// Marks a worker as leaving on purpose and stops handing it work.
+    pub(super) fn retire(&mut self, slot: usize) {
+        self.unready(slot);
+        if let Some(w) = self.table.get_mut(slot) {
+            w.leaving = true;
+        }
+    }
+}
+
+fn epoll_delete(ep: &std::os::fd::OwnedFd, chan: &crate::channel::Channel) -> Result<()> {
+    rustix::event::epoll::delete(ep, chan).map_err(|e| Error::os("epoll_ctl", e))
+}
+
+/// A wait status as `waitpid` gives it, for `ExitStatus::from_raw`.
+fn raw_status(st: rustix::process::WaitStatus) -> i32 {
+    if let Some(code) = st.exit_status() {
+        (code & 0xff) << 8
+    } else if let Some(sig) = st.terminating_signal() {
+        sig & 0x7f
+    } else {
+        0
+    }
+}

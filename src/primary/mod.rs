@@ -1,0 +1,344 @@
+//! The primary: the [`Primary`] handle and its loop. The loop waits on one epoll set (the
+//! listeners, every worker's channel, the signalfd), routes each ready fd to its room, and
+//! carries out what the supervisor decides. It holds no policy of its own.
+//!
+//! | room | concern |
+//! |---|---|
+//! | `api` | the public controls: send, kill, disconnect, stop, restart, scale, the table |
+//! | `table` | worker slots, ids, generations, epoll tokens, lookup by id and pid |
+//! | `dispatch` | accept, pending queue, hand-off, in-flight bound, recovery |
+//! | `schedule` | which ready worker gets the next connection |
+//! | `protocol` | frames from workers: judge, account, turn into events |
+//! | `lifecycle` | signals, reaping, channel close, `Disconnect`, `Exit` |
+//! | `spawn` | forking one worker, and the child's side up to the worker function |
+//! | `supervisor` | the policy, as a state machine with no system calls |
+//! | `events` | [`Event`], [`ClusterStats`], the event queue |
+
+mod api;
+mod dispatch;
+mod events;
+mod lifecycle;
+mod protocol;
+mod schedule;
+mod spawn;
+mod supervisor;
+mod table;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
+use std::time::Instant;
+
+use arrayvec::ArrayVec;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal, WaitOptions};
+
+use crate::channel::RecvBuf;
+use crate::error::{Call, Error, Result};
+use crate::heartbeat::Board;
+use crate::listener::{self, Listener};
+use crate::settings::{Schedule, Settings};
+use crate::sys::{self, SignalSet};
+use crate::worker::WorkerFn;
+
+pub use events::{ClusterStats, Event};
+pub use table::{State, WorkerInfo};
+
+use dispatch::Dispatch;
+use events::Events;
+use supervisor::{Action, Probe, Supervisor, TICK};
+use table::{Table, TAG_LISTENER, TAG_MASK, TAG_SIGNAL, TAG_WORKER};
+
+const EPOLL_EVENTS: usize = 64;
+
+/// The largest worker table: the slot field of a worker's epoll token has 24 bits.
+pub(crate) const MAX_WORKERS: usize = table::MAX_SLOTS;
+
+/// The primary process's handle on the cluster: the worker table and the event loop.
+///
+/// Created by [`Builder::start`](crate::Builder::start). Read events with
+/// [`next_event`](Self::next_event); it returns `None` once the cluster has stopped and every
+/// worker is gone. Dropping the primary kills and reaps any worker still alive.
+pub struct Primary {
+    epoll: Option<OwnedFd>,
+    sigfd: Option<OwnedFd>,
+    sigset: SignalSet,
+    ignored: ArrayVec<i32, 64>,
+    me: Pid,
+    settings: Settings,
+    table: Table,
+    dispatch: Dispatch,
+    sup: Supervisor,
+    events: Events,
+    evbuf: Box<[epoll::Event; EPOLL_EVENTS]>,
+    ev_pos: usize,
+    ev_len: usize,
+    rbuf: Box<RecvBuf>,
+    worker_fn: WorkerFn,
+    board: Rc<Board>,
+    /// Workers forked and not yet reported by `Exit`.
+    alive: usize,
+    tick_at: Option<Instant>,
+    seq: u32,
+}
+
+impl Primary {
+    pub(crate) fn start(
+        settings: Settings,
+        listeners: Vec<Listener>,
+        n: usize,
+        worker_fn: WorkerFn,
+    ) -> Result<Primary> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
+        let mut sigs: ArrayVec<i32, 8> = ArrayVec::new();
+        sigs.push(libc::SIGCHLD);
+        if settings.sup.signals {
+            sigs.extend([
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGQUIT,
+                libc::SIGHUP,
+                libc::SIGTTIN,
+                libc::SIGTTOU,
+            ]);
+        }
+        let mut ignored = ArrayVec::new();
+        for s in 1..32 {
+            if sys::is_ignored(s) {
+                ignored.push(s);
+            }
+        }
+        let mut sigset = SignalSet::new(&sigs);
+        let sigfd = sigset.block_and_open()?;
+        epoll::add(
+            &epoll,
+            &sigfd,
+            epoll::EventData::new_u64(TAG_SIGNAL),
+            epoll::EventFlags::IN,
+        )
+        .call("epoll_ctl")?;
+        if settings.schedule == Schedule::RoundRobin {
+            for (i, l) in listeners.iter().enumerate() {
+                epoll::add(
+                    &epoll,
+                    &l.fd,
+                    epoll::EventData::new_u64(TAG_LISTENER | i as u64),
+                    epoll::EventFlags::IN,
+                )
+                .call("epoll_ctl")?;
+            }
+        }
+        let max = settings.max_workers;
+        let board = Rc::new(Board::new(max)?);
+        let me = rustix::process::getpid();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (me.as_raw_nonzero().get() as u64) << 32;
+        let sup = Supervisor::new(
+            settings.sup.clone(),
+            settings.schedule == Schedule::Shared,
+            n,
+            max,
+            seed,
+        );
+        let mut p = Primary {
+            epoll: Some(epoll),
+            sigfd: Some(sigfd),
+            sigset,
+            ignored,
+            me,
+            table: Table::new(max),
+            dispatch: Dispatch::new(listeners, max, settings.in_flight, settings.nonblocking),
+            sup,
+            events: Events::with_capacity(8 * max + 64),
+            evbuf: Box::new(
+                [epoll::Event {
+                    flags: epoll::EventFlags::empty(),
+                    data: epoll::EventData::new_u64(0),
+                }; EPOLL_EVENTS],
+            ),
+            ev_pos: 0,
+            ev_len: 0,
+            rbuf: Box::new(RecvBuf::new()),
+            worker_fn,
+            board,
+            alive: 0,
+            tick_at: None,
+            seq: 0,
+            settings,
+        };
+        for _ in 0..n {
+            p.spawn(&[], None, false)?;
+        }
+        p.schedule_tick(Instant::now());
+        Ok(p)
+    }
+
+    /// The loop: queued events first, then the ready fds of the last `epoll_wait`, then ticks,
+    /// then a new `epoll_wait` until the next tick or the caller's deadline.
+    fn wait(&mut self, deadline: Option<Instant>) -> Result<Option<Event<'_>>> {
+        loop {
+            if !self.dispatch.due.is_empty() {
+                let mut due = core::mem::take(&mut self.dispatch.due);
+                for slot in due.drain(..) {
+                    self.sup.recycle(slot);
+                }
+                self.dispatch.due = due;
+                self.apply();
+            }
+            if let Some(ev) = self.events.queue.pop_front() {
+                return Ok(Some(ev.public(&self.dispatch.listeners)));
+            }
+            if !self.sup.running() && self.alive == 0 {
+                return Ok(None);
+            }
+            if self.ev_pos < self.ev_len {
+                let e = self.evbuf[self.ev_pos];
+                self.ev_pos += 1;
+                let data = e.data.u64();
+                let flags = { e.flags };
+                match data & TAG_MASK {
+                    TAG_LISTENER => self.on_listener((data & 0xffff) as usize),
+                    TAG_SIGNAL => self.on_signal()?,
+                    TAG_WORKER => {
+                        let (slot, gen) = table::worker_of(data);
+                        if flags.contains(epoll::EventFlags::OUT) {
+                            self.on_writable(slot, gen);
+                        }
+                        let readable =
+                            epoll::EventFlags::IN | epoll::EventFlags::HUP | epoll::EventFlags::ERR;
+                        if !flags.intersects(readable) {
+                            continue;
+                        }
+                        if let Some((id, len, fds)) = self.on_channel(slot, gen) {
+                            return Ok(Some(Event::Message {
+                                id,
+                                payload: self.rbuf.payload(len),
+                                fds,
+                            }));
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let now = Instant::now();
+            if self.tick_at.is_some_and(|t| t <= now) {
+                self.on_tick(now);
+                continue;
+            }
+            if deadline.is_some_and(|d| d <= now) {
+                return Ok(Some(Event::Idle));
+            }
+            let until = match (self.tick_at, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = until.map(|t| {
+                let d = t.saturating_duration_since(now);
+                rustix::time::Timespec {
+                    tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+                    tv_nsec: d.subsec_nanos() as i64,
+                }
+            });
+            let Some(ep) = self.epoll.as_ref() else {
+                return Err(Error::Invalid("primary state used in a worker"));
+            };
+            match epoll::wait(ep, &mut *self.evbuf, timeout.as_ref()) {
+                Ok(n) => {
+                    self.ev_len = n;
+                    self.ev_pos = 0;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(Error::os("epoll_wait", e)),
+            }
+        }
+    }
+
+    /// Carries out what the supervisor decided, in order.
+    fn apply(&mut self) {
+        while let Some(a) = self.sup.next_action() {
+            match a {
+                Action::Fork { replaces } => {
+                    if let Err(e) = self.spawn(&[], replaces, true) {
+                        self.sup.fork_failed(replaces, e, Instant::now());
+                    }
+                }
+                Action::Signal { slot, sig } => {
+                    if let Some(w) = self.table.get(slot) {
+                        let _ = w.signal(sig);
+                    }
+                }
+                Action::Disconnect { slot } => self.send_disconnect(slot),
+                Action::Retire { slot } => self.retire(slot),
+                Action::Unready { slot } => self.unready(slot),
+                Action::CloseChannel { slot } => self.channel_closed(slot),
+                Action::StopAccepting => self.close_listeners(),
+                Action::Event(ev) => self.events.push(ev),
+                Action::Wake(at) => self.arm_tick(at),
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        if self.dispatch.rearm_at.is_some_and(|t| t <= now) {
+            self.dispatch.rearm_at = None;
+            self.rearm();
+        }
+        let board = &self.board;
+        self.sup.tick(now, |slot| Probe {
+            beat: board.beat(slot),
+            conns: board.conns(slot),
+        });
+        self.apply();
+        self.drain_pending();
+        self.schedule_tick(now);
+    }
+
+    fn arm_tick(&mut self, at: Instant) {
+        self.tick_at = Some(self.tick_at.map_or(at, |t| t.min(at)));
+    }
+
+    fn schedule_tick(&mut self, now: Instant) {
+        let periodic = self.sup.needs_tick() || self.dispatch.rearm_at.is_some();
+        self.tick_at = if periodic { Some(now + TICK) } else { None };
+    }
+}
+
+impl AsFd for Primary {
+    /// The primary's epoll fd: readable when [`Primary::next_event`] has something to do, for
+    /// an application that waits on it in its own poll loop.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.epoll {
+            Some(ep) => ep.as_fd(),
+            // Only in a forked worker, which never returns to primary code.
+            None => rustix::stdio::stdin(),
+        }
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        // No orphans, no zombies: whatever is still alive is killed and reaped.
+        for (_, w) in self.table.iter() {
+            if w.status.is_none() {
+                let _ = rustix::process::kill_process(w.pid, Signal::KILL);
+                let _ = rustix::process::waitpid(Some(w.pid), WaitOptions::empty());
+            }
+        }
+        listener::unlink_all(&self.dispatch.listeners);
+        self.sigfd = None;
+        self.sigset.restore();
+    }
+}
+
+impl core::fmt::Debug for Primary {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Primary")
+            .field("workers", &self.alive)
+            .field("wanted", &self.sup.desired())
+            .field("schedule", &self.settings.schedule)
+            .finish_non_exhaustive()
+    }
+}

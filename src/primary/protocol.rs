@@ -1,0 +1,165 @@
+//! Frames from a worker: read them (a bounded number per wakeup), check each against what a
+//! worker may send in its state, and turn it into an event, a state change or a protocol error.
+//!
+//! Nothing a worker sends is trusted: a frame that does not decode, carries fds it should not,
+//! names a listener that does not exist or is of a kind only the primary sends is a protocol
+//! error; the worker's channel is closed and the supervisor kills it.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use arrayvec::ArrayVec;
+
+use super::events::Ev;
+use super::table::State;
+use super::Primary;
+use crate::channel::{Received, Taken};
+use crate::error::Error;
+use crate::frame::{self, Kind, MAX_FDS};
+
+/// Frames read from one worker per wakeup before the loop looks at other fds.
+const FRAME_BUDGET: usize = 64;
+
+/// What one frame from a worker means, given what the primary knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// `Online`.
+    Online,
+    /// `Listening` for listener `i`.
+    Listening(usize),
+    /// `Listening(NO_LISTENER)` in a cluster without listeners: the worker reached its loop.
+    Looping,
+    /// A message for the application.
+    Message,
+    /// Optional frames (acknowledgements, stats): nothing to do.
+    Ignore,
+    /// The worker closes its channel.
+    Close,
+    /// A protocol violation.
+    Violation(&'static str),
+}
+
+/// Judges a decoded frame: its kind, and the listener index it names (if any), in a cluster of
+/// `listeners` listeners. Pure: the fuzz target and the tests call it directly.
+pub(crate) fn judge(kind: Kind, listener: Option<u16>, listeners: usize) -> Verdict {
+    match kind {
+        Kind::Message => Verdict::Message,
+        Kind::Online => Verdict::Online,
+        Kind::Listening => {
+            let li = listener.unwrap_or(u16::MAX) as usize;
+            if li == frame::NO_LISTENER as usize && listeners == 0 {
+                Verdict::Looping
+            } else if li >= listeners {
+                Verdict::Violation("Listening for a listener that does not exist")
+            } else {
+                Verdict::Listening(li)
+            }
+        }
+        // Acknowledgements are optional on the wire (see `frame`); counters live in shared
+        // memory.
+        Kind::Ack | Kind::Stats => Verdict::Ignore,
+        Kind::Close => Verdict::Close,
+        Kind::Connection | Kind::Disconnect => {
+            Verdict::Violation("a worker sent a primary-only frame kind")
+        }
+    }
+}
+
+impl Primary {
+    /// A worker's channel is readable: handle its frames, up to the budget. A message is
+    /// returned to the caller (it borrows the receive buffer) and the loop comes back to this
+    /// channel for the frames behind it.
+    pub(super) fn on_channel(
+        &mut self,
+        slot: usize,
+        gen: u32,
+    ) -> Option<(u32, usize, ArrayVec<OwnedFd, MAX_FDS>)> {
+        for _ in 0..FRAME_BUDGET {
+            // Events queued by the frames read so far go out first, and the loop comes back
+            // for the rest: a message must not overtake the `Online` or `Listening` before it.
+            if !self.events.queue.is_empty() {
+                self.ev_pos -= 1;
+                return None;
+            }
+            let w = self.table.get_gen(slot, gen)?;
+            let chan = w.chan.as_ref()?;
+            let id = w.id;
+            let got = chan.try_recv(&mut self.rbuf).map(|r| r.map(Received::take));
+            let Taken {
+                kind,
+                listener,
+                len,
+                fds,
+            } = match got {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    // A dead worker's channel is closed once everything it sent was read.
+                    if self.table.get(slot).is_some_and(|w| w.status.is_some()) {
+                        self.channel_closed(slot);
+                    }
+                    return None;
+                }
+                Err(Error::Closed) => {
+                    self.channel_closed(slot);
+                    return None;
+                }
+                Err(e) => {
+                    self.worker_error(slot, e);
+                    return None;
+                }
+            };
+            match judge(kind, listener, self.dispatch.listeners.len()) {
+                Verdict::Message => {
+                    // Come back to this channel for the frames behind this one.
+                    self.ev_pos -= 1;
+                    return Some((id, len, fds));
+                }
+                Verdict::Online => {
+                    let w = self.table.get_mut(slot)?;
+                    if w.state == State::Forked {
+                        w.state = State::Online;
+                    }
+                    self.events.push(Ev::Online(id));
+                }
+                Verdict::Looping => {
+                    if self.sup.ready(slot, Instant::now()) {
+                        self.apply();
+                    }
+                }
+                Verdict::Listening(li) => {
+                    self.events.push(Ev::Listening(id, li));
+                    let w = self.table.get_mut(slot)?;
+                    if matches!(w.state, State::Forked | State::Online) {
+                        w.state = State::Listening;
+                        self.make_ready(slot);
+                        self.drain_pending();
+                        self.sup.ready(slot, Instant::now());
+                        self.apply();
+                    }
+                }
+                Verdict::Ignore => {}
+                Verdict::Close => {
+                    self.channel_closed(slot);
+                    return None;
+                }
+                Verdict::Violation(what) => {
+                    self.worker_error(slot, Error::Invalid(what));
+                    return None;
+                }
+            }
+        }
+        // Budget used up: come back after the other ready fds.
+        None
+    }
+
+    /// The worker broke the protocol: report it, close its channel; the supervisor kills it.
+    pub(super) fn worker_error(&mut self, slot: usize, error: Error) {
+        let Some(w) = self.table.get(slot) else {
+            return;
+        };
+        self.events.push(Ev::WorkerError(w.id, error));
+        self.sup.broke_protocol(slot, Instant::now());
+        self.apply();
+        self.channel_closed(slot);
+    }
+}

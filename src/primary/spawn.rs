@@ -1,0 +1,172 @@
+//! Forking one worker: its channel (with the in-flight bound and the primary's duplicate of
+//! the worker's end), its counters, the fork, and in the child everything between `fork` and
+//! the worker function: die with the primary, reset signals, keep only the worker's own fds.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use rustix::event::epoll;
+use rustix::process::Signal;
+
+use super::events::Ev;
+use super::supervisor::Replace;
+use super::table::{worker_token, State, W};
+use super::Primary;
+use crate::channel::Channel;
+use crate::error::{Call, Error, Result};
+use crate::listener::{Family, ListenAddr, Listener};
+use crate::settings::Schedule;
+use crate::sys::{self, Forked};
+use crate::worker::{Worker, WorkerInit};
+
+/// Send-buffer bytes per connection frame of the in-flight bound: the kernel doubles the value
+/// set and charges a queued 18-byte frame with one fd about 745 bytes (measured: a doubled
+/// buffer of 8192 holds 11 such frames). The kernel's floor (4608) holds 6.
+const SNDBUF_PER_FRAME: usize = 376;
+
+impl Primary {
+    /// Forks one worker into a free slot and tells the supervisor (`asked`: the supervisor
+    /// asked for this fork).
+    pub(super) fn spawn(
+        &mut self,
+        env: &[(&str, &str)],
+        replaces: Option<Replace>,
+        asked: bool,
+    ) -> Result<u32> {
+        let (slot, gen) = self
+            .table
+            .free_slot()
+            .ok_or(Error::Capacity("worker table full"))?;
+        let (mine, theirs) = Channel::pair()?;
+        // The in-flight bound: the kernel charges each queued frame to the sender's buffer
+        // until the worker reads it, so a small send buffer caps the queue (about
+        // `max_in_flight` connection frames), and a stuck worker stops getting work.
+        rustix::net::sockopt::set_socket_send_buffer_size(
+            &mine,
+            self.settings.in_flight * SNDBUF_PER_FRAME,
+        )
+        .call("setsockopt(SO_SNDBUF)")?;
+        let theirs_dup = Channel::from_fd(
+            theirs
+                .as_fd()
+                .try_clone_to_owned()
+                .call("fcntl(F_DUPFD_CLOEXEC)")?,
+        );
+        let id = self.table.next_id();
+        self.board.clear(slot);
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        match sys::fork()? {
+            Forked::Child => {
+                drop(mine);
+                // The primary's duplicate of this worker's end is not the worker's to hold.
+                drop(theirs_dup);
+                self.become_worker(theirs, id, slot, env)
+            }
+            Forked::Parent(pid) => {
+                drop(theirs);
+                let max_conns = self.sup.forked(slot, id, Instant::now(), replaces, asked);
+                // From here on the child is in the table, whatever fails: it is reaped and
+                // its exit reported like any other.
+                let watched = match &self.epoll {
+                    Some(ep) => {
+                        epoll::add(ep, &mine, worker_token(slot, gen), epoll::EventFlags::IN)
+                            .is_ok()
+                    }
+                    None => false,
+                };
+                self.table.insert(
+                    slot,
+                    W {
+                        id,
+                        pid,
+                        chan: Some(mine).filter(|_| watched),
+                        state: State::Forked,
+                        peer: Some(theirs_dup),
+                        in_ready: false,
+                        blocked: false,
+                        disconnect_pending: false,
+                        leaving: false,
+                        status: None,
+                        dispatched: 0,
+                        max_conns,
+                    },
+                );
+                self.alive += 1;
+                self.events
+                    .push(Ev::Fork(id, pid.as_raw_nonzero().get() as u32));
+                if !watched {
+                    // A worker the loop cannot hear from is of no use: it goes, and the
+                    // supervisor sees a crash.
+                    if let Some(w) = self.table.get(slot) {
+                        let _ = w.signal(Signal::KILL);
+                    }
+                    self.sup.channel_closed(slot, Instant::now());
+                }
+                Ok(id)
+            }
+        }
+    }
+
+    /// In the child, right after fork: keep only this worker's fds, reset signals, run the
+    /// worker function, exit.
+    fn become_worker(&mut self, chan: Channel, id: u32, slot: usize, env: &[(&str, &str)]) -> ! {
+        // Die with the primary; if it is already gone, do not start.
+        let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+        if rustix::process::getppid() != Some(self.me) {
+            sys::exit_now(1);
+        }
+        sys::reset_child_signals(&self.ignored);
+        // Close what belongs to the primary: its epoll and signal fds, every other worker's
+        // channel and unacknowledged connections, queued connections, and (round-robin) the
+        // listeners.
+        self.sigfd = None;
+        for (_, w) in self.table.iter_mut() {
+            w.chan = None;
+            w.peer = None;
+        }
+        self.dispatch.pending.clear();
+        let shared = self.settings.schedule == Schedule::Shared;
+        let listeners = core::mem::take(&mut self.dispatch.listeners)
+            .into_iter()
+            .map(|l| {
+                let Listener {
+                    fd,
+                    family,
+                    addr,
+                    unlink: _,
+                } = l;
+                (if shared { Some(fd) } else { None }, family, addr)
+            })
+            .collect::<Vec<(Option<OwnedFd>, Family, ListenAddr)>>();
+        self.epoll = None;
+        for (k, v) in self.settings.env.iter() {
+            std::env::set_var(k, v);
+        }
+        for (k, v) in env {
+            std::env::set_var(k, v);
+        }
+        let init = WorkerInit {
+            id,
+            chan,
+            listeners,
+            schedule: self.settings.schedule,
+            nonblocking: self.settings.nonblocking,
+            board: self.board.clone(),
+            slot,
+        };
+        // A panic stops here, as in a `main` that panics (exit code 101): unwinding further
+        // would run the primary's stack frames, copied by fork, in this worker, and dropping
+        // its copy of the `Primary` would kill the worker's siblings.
+        let worker_fn = &mut self.worker_fn;
+        let code = match Worker::new(init) {
+            Ok(w) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker_fn(w)))
+                .unwrap_or(101),
+            Err(_) => 1,
+        };
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        sys::exit_now(code)
+    }
+}

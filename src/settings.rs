@@ -1,0 +1,67 @@
+//! What the builder decided: the schedule, the supervisor's settings, and the limits, handed to
+//! the primary and (the parts a worker needs) to each worker.
+
+use std::time::Duration;
+
+/// The most listeners one cluster may have.
+pub const MAX_LISTENERS: usize = 16;
+/// The largest [`Builder::max_in_flight`](crate::Builder::max_in_flight).
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// How connections reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// The primary accepts each connection and passes its fd to the next ready worker
+    /// (Node's `SCHED_RR`, the default). About [`Builder::max_in_flight`](crate::Builder::max_in_flight) hand-offs wait in one
+    /// worker's queue at most, so a stuck worker stops getting work; a connection whose worker
+    /// dies before taking it goes to another worker.
+    #[default]
+    RoundRobin,
+    /// Every worker accepts on the listener it inherited (Node's `SCHED_NONE`); the kernel
+    /// picks which worker (one wakeup per connection: `EPOLLEXCLUSIVE`).
+    Shared,
+}
+
+/// Settings of the supervisor (see [`Builder`](crate::Builder) for each).
+#[derive(Debug, Clone)]
+pub(crate) struct Supervision {
+    pub(crate) respawn: bool,
+    pub(crate) fatal_exit_code: Option<i32>,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) healthy_uptime: Duration,
+    pub(crate) graceful_timeout: Duration,
+    pub(crate) fast_timeout: Duration,
+    pub(crate) restart_batch: usize,
+    pub(crate) hang_timeout: Option<Duration>,
+    pub(crate) max_requests: Option<(u64, u64)>,
+    pub(crate) signals: bool,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            respawn: true,
+            fatal_exit_code: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            healthy_uptime: Duration::from_secs(1),
+            graceful_timeout: Duration::from_secs(30),
+            fast_timeout: Duration::from_secs(1),
+            restart_batch: 1,
+            hang_timeout: None,
+            max_requests: None,
+            signals: true,
+        }
+    }
+}
+
+/// Everything the builder decided, handed to the primary.
+pub(crate) struct Settings {
+    pub(crate) schedule: Schedule,
+    pub(crate) in_flight: usize,
+    pub(crate) max_workers: usize,
+    pub(crate) nonblocking: bool,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) sup: Supervision,
+}
