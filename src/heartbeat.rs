@@ -1,63 +1,119 @@
 //! The page of counters each worker shares with the primary: its heartbeat, and the connections
-//! and messages it took. Workers write their own words with relaxed stores (no system call); the
-//! primary only reads them.
+//! and messages it took. Each worker slot has a page of its own, and a forked worker unmaps
+//! every page but its own, so a worker can write only its own counters. Workers write with
+//! relaxed stores (no system call); the primary only reads.
 //!
 //! | word | written by the worker | read by the primary for |
 //! |---|---|---|
 //! | `BEAT` | every [`Worker::next`](crate::Worker::next), `try_next`, `heartbeat`: a count shifted left by one, the low bit set while it waits idle | hung-worker detection |
 //! | `CONNS` | every connection it accepted itself (shared schedule) | `max_requests` and [`WorkerInfo`](crate::WorkerInfo) |
 //! | `MSGS` | every message from the primary it received | [`WorkerInfo`](crate::WorkerInfo) |
+//!
+//! The words are `AtomicU32`, so the crate runs on CPUs without 64-bit atomics (32-bit
+//! PowerPC, MIPS, ARMv5). They wrap: the heartbeat is only compared for change, and the
+//! primary folds the two counters into 64-bit totals each time it reads them, and at least
+//! every [`FOLD_EVERY`] (fewer than 2^32 increments fit in that time at any real rate).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::cell::Cell;
+use core::sync::atomic::{AtomicU32, Ordering};
 use std::rc::Rc;
+use std::time::Duration;
 
 use crate::error::Result;
-use crate::sys::SharedSlots;
+use crate::sys::SharedPages;
 
-/// Words per worker slot.
-const WORDS: usize = 4;
 const BEAT: usize = 0;
 const CONNS: usize = 1;
 const MSGS: usize = 2;
 
+/// The primary reads (folds) every counter at least this often.
+pub(crate) const FOLD_EVERY: Duration = Duration::from_secs(60);
+
+/// The primary's 64-bit view of one wrapping 32-bit counter: the last value read and the
+/// total so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fold {
+    last: u32,
+    total: u64,
+}
+
 /// The counters of every worker slot, mapped shared before the first fork.
 pub(crate) struct Board {
-    map: SharedSlots,
+    map: SharedPages,
+    /// Primary side only: conns and msgs of each slot.
+    folds: Box<[Cell<Fold>]>,
 }
 
 impl Board {
     /// Maps zeroed counters for `slots` workers.
     pub(crate) fn new(slots: usize) -> Result<Board> {
         Ok(Board {
-            map: SharedSlots::new(slots * WORDS)?,
+            map: SharedPages::new(slots)?,
+            folds: vec![Cell::new(Fold::default()); slots * 2].into_boxed_slice(),
         })
     }
 
-    fn word(&self, slot: usize, w: usize) -> &AtomicU64 {
-        &self.map.slots()[slot * WORDS + w]
+    fn word(&self, slot: usize, w: usize) -> Option<&AtomicU32> {
+        self.map.page(slot).get(w)
+    }
+
+    fn load(&self, slot: usize, w: usize) -> u32 {
+        self.word(slot, w).map_or(0, |a| a.load(Ordering::Relaxed))
     }
 
     /// Zeroes a slot's counters for its next worker.
     pub(crate) fn clear(&self, slot: usize) {
-        for w in 0..WORDS {
-            self.word(slot, w).store(0, Ordering::Relaxed);
+        for w in [BEAT, CONNS, MSGS] {
+            if let Some(a) = self.word(slot, w) {
+                a.store(0, Ordering::Relaxed);
+            }
         }
+        for k in 0..2 {
+            if let Some(f) = self.folds.get(slot * 2 + k) {
+                f.set(Fold::default());
+            }
+        }
+    }
+
+    /// In a forked worker: keep only this slot's page mapped.
+    pub(crate) fn keep_only(&self, slot: usize) {
+        self.map.keep_only(slot);
     }
 
     /// The slot's heartbeat word: it moves while the worker makes progress; the low bit is set
     /// while it waits for work.
-    pub(crate) fn beat(&self, slot: usize) -> u64 {
-        self.word(slot, BEAT).load(Ordering::Relaxed)
+    pub(crate) fn beat(&self, slot: usize) -> u32 {
+        self.load(slot, BEAT)
     }
 
-    /// Connections the slot's worker accepted itself (shared schedule).
+    fn fold(&self, slot: usize, w: usize, k: usize) -> u64 {
+        let now = self.load(slot, w);
+        let Some(cell) = self.folds.get(slot * 2 + k) else {
+            return u64::from(now);
+        };
+        let mut f = cell.get();
+        f.total = f.total.wrapping_add(u64::from(now.wrapping_sub(f.last)));
+        f.last = now;
+        cell.set(f);
+        f.total
+    }
+
+    /// Connections the slot's worker accepted itself (shared schedule), as a 64-bit total.
     pub(crate) fn conns(&self, slot: usize) -> u64 {
-        self.word(slot, CONNS).load(Ordering::Relaxed)
+        self.fold(slot, CONNS, 0)
     }
 
-    /// Messages the slot's worker received.
+    /// Messages the slot's worker received, as a 64-bit total.
     pub(crate) fn msgs(&self, slot: usize) -> u64 {
-        self.word(slot, MSGS).load(Ordering::Relaxed)
+        self.fold(slot, MSGS, 1)
+    }
+
+    /// Reads every counter of the first `slots` slots, so that none wraps unseen.
+    pub(crate) fn fold_all(&self, slots: usize) {
+        for s in 0..slots {
+            self.conns(s);
+            self.msgs(s);
+        }
     }
 }
 
@@ -65,7 +121,7 @@ impl Board {
 pub(crate) struct Own {
     board: Rc<Board>,
     slot: usize,
-    beats: u64,
+    beats: u32,
 }
 
 impl Own {
@@ -77,28 +133,59 @@ impl Own {
         }
     }
 
+    fn add(&self, w: usize) {
+        if let Some(a) = self.board.word(self.slot, w) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// One beat: progress, and whether the worker is about to wait idle.
     #[inline]
     pub(crate) fn beat(&mut self, idle: bool) {
-        self.beats += 1;
-        self.board
-            .word(self.slot, BEAT)
-            .store(self.beats << 1 | idle as u64, Ordering::Relaxed);
+        self.beats = self.beats.wrapping_add(1);
+        if let Some(a) = self.board.word(self.slot, BEAT) {
+            a.store(self.beats << 1 | idle as u32, Ordering::Relaxed);
+        }
     }
 
     /// Counts a connection the worker accepted itself.
     #[inline]
     pub(crate) fn count_conn(&self) {
-        self.board
-            .word(self.slot, CONNS)
-            .fetch_add(1, Ordering::Relaxed);
+        self.add(CONNS);
     }
 
     /// Counts a message from the primary.
     #[inline]
     pub(crate) fn count_msg(&self) {
-        self.board
-            .word(self.slot, MSGS)
-            .fetch_add(1, Ordering::Relaxed);
+        self.add(MSGS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_fold_across_the_32_bit_wrap() {
+        let b = Board::new(2).unwrap();
+        let w = b.word(1, CONNS).unwrap();
+        w.store(u32::MAX - 5, Ordering::Relaxed);
+        assert_eq!(b.conns(1), u64::from(u32::MAX - 5));
+        w.fetch_add(10, Ordering::Relaxed); // wraps to 4
+        assert_eq!(b.conns(1), u64::from(u32::MAX) + 5);
+        b.clear(1);
+        assert_eq!(b.conns(1), 0);
+        assert_eq!(b.msgs(0), 0);
+    }
+
+    #[test]
+    fn the_heartbeat_wraps_and_keeps_its_idle_bit() {
+        let b = Rc::new(Board::new(1).unwrap());
+        let mut own = Own::new(b.clone(), 0);
+        own.beats = u32::MAX;
+        own.beat(true);
+        assert_eq!(b.beat(0), 1, "count 0 after the wrap, idle bit set");
+        own.beat(false);
+        assert_eq!(b.beat(0), 2);
     }
 }

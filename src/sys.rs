@@ -8,13 +8,13 @@
 //! |---|---|---|
 //! | [`fork`] | `fork(2)` | `rustix` does not expose a process-level fork |
 //! | [`SignalSet`] | `sigprocmask(2)`, `signalfd(2)` | not in `rustix` outside its `runtime` module |
-//! | [`SharedSlots`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)` | turning the mapping into `&[AtomicU64]` |
+//! | [`SharedPages`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)`, `munmap` | turning the mapping into `&[AtomicU32]`; unmapping the other workers' pages in a child |
 //! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
 //! | [`set_tcp_defer_accept`] | `setsockopt(TCP_DEFER_ACCEPT)` | not in `rustix` |
 
 #![allow(unsafe_code)]
 
-use core::sync::atomic::AtomicU64;
+use core::sync::atomic::AtomicU32;
 use std::os::fd::{FromRawFd, OwnedFd};
 
 use crate::error::{Error, Result};
@@ -187,17 +187,19 @@ pub(crate) fn is_ignored(sig: i32) -> bool {
     }
 }
 
-/// A shared, anonymous mapping of `u64` counters, made before fork so that primary and workers
-/// see the same memory. Pages are only backed once written.
-pub(crate) struct SharedSlots {
-    ptr: *mut AtomicU64,
-    len: usize,
+/// A shared, anonymous mapping of `pages` pages of `u32` counters, made before fork so that
+/// primary and workers see the same memory. Pages are only backed once written.
+pub(crate) struct SharedPages {
+    ptr: *mut AtomicU32,
+    pages: usize,
+    page: usize,
 }
 
-impl SharedSlots {
-    /// Maps `len` zeroed counters.
-    pub(crate) fn new(len: usize) -> Result<Self> {
-        let bytes = len.max(1) * core::mem::size_of::<AtomicU64>();
+impl SharedPages {
+    /// Maps `pages` zeroed pages.
+    pub(crate) fn new(pages: usize) -> Result<Self> {
+        let page = rustix::param::page_size();
+        let bytes = pages.max(1) * page;
         // SAFETY: a fresh anonymous mapping at an address the kernel picks aliases nothing.
         let ptr = unsafe {
             rustix::mm::mmap_anonymous(
@@ -208,29 +210,54 @@ impl SharedSlots {
             )
         }
         .map_err(|e| Error::os("mmap", e))?;
-        Ok(SharedSlots {
+        Ok(SharedPages {
             ptr: ptr.cast(),
-            len,
+            pages: pages.max(1),
+            page,
         })
     }
 
-    /// The counters.
-    pub(crate) fn slots(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is `len` page-aligned, zero-initialized `u64`s, valid for the life
-        // of `self`; `AtomicU64` has the layout of `u64`, and every access is atomic, so writes
-        // by other processes sharing the pages are not data races.
-        unsafe { core::slice::from_raw_parts(self.ptr, self.len) }
+    /// The counters of page `i` (empty past the end).
+    pub(crate) fn page(&self, i: usize) -> &[AtomicU32] {
+        if i >= self.pages {
+            return &[];
+        }
+        let words = self.page / core::mem::size_of::<AtomicU32>();
+        // SAFETY: page `i` lies inside the mapping made in `new`, which is page-aligned,
+        // zero-initialized and valid for the life of `self` (only `keep_only` unmaps parts of
+        // it, and then only pages other than the one the process still uses, as its contract
+        // says); `AtomicU32` has the layout of `u32`, and every access is atomic, so writes by
+        // other processes sharing the pages are not data races.
+        unsafe { core::slice::from_raw_parts(self.ptr.add(i * words), words) }
+    }
+
+    /// In a forked worker: unmaps every page but page `i`, so that this process can no longer
+    /// read or write the other workers' counters. The process must not touch any other page
+    /// afterwards.
+    pub(crate) fn keep_only(&self, i: usize) {
+        let base = self.ptr.cast::<u8>();
+        let total = self.pages * self.page;
+        let start = (i.min(self.pages)) * self.page;
+        let end = (start + self.page).min(total);
+        // SAFETY: both ranges lie inside the mapping made in `new` and are page-aligned; no
+        // reference into them is used again in this process (the contract above).
+        unsafe {
+            if start > 0 {
+                let _ = rustix::mm::munmap(base.cast(), start);
+            }
+            if end < total {
+                let _ = rustix::mm::munmap(base.add(end).cast(), total - end);
+            }
+        }
     }
 }
 
-impl Drop for SharedSlots {
+impl Drop for SharedPages {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mapped in `new`; no reference outlives `self`.
+        // SAFETY: unmapping exactly the region mapped in `new` (parts already unmapped by
+        // `keep_only` are no error); no reference outlives `self`.
         unsafe {
-            let _ = rustix::mm::munmap(
-                self.ptr.cast(),
-                self.len.max(1) * core::mem::size_of::<AtomicU64>(),
-            );
+            let _ = rustix::mm::munmap(self.ptr.cast(), self.pages * self.page);
         }
     }
 }
@@ -241,11 +268,12 @@ mod tests {
     use core::sync::atomic::Ordering;
 
     #[test]
-    fn shared_slots_are_shared_across_fork() {
-        let s = SharedSlots::new(4).unwrap();
+    fn shared_pages_are_shared_across_fork_and_a_child_keeps_only_its_own() {
+        let s = SharedPages::new(3).unwrap();
         match fork().unwrap() {
             Forked::Child => {
-                s.slots()[2].store(42, Ordering::Release);
+                s.keep_only(1);
+                s.page(1)[2].store(42, Ordering::Release);
                 exit_now(0);
             }
             Forked::Parent(pid) => {
@@ -254,7 +282,9 @@ mod tests {
                         .unwrap()
                         .unwrap();
                 assert_eq!(st.exit_status(), Some(0));
-                assert_eq!(s.slots()[2].load(Ordering::Acquire), 42);
+                assert_eq!(s.page(1)[2].load(Ordering::Acquire), 42);
+                assert_eq!(s.page(0)[2].load(Ordering::Acquire), 0);
+                assert!(s.page(3).is_empty());
             }
         }
     }

@@ -35,7 +35,7 @@ use rustix::process::{Pid, Signal, WaitOptions};
 
 use crate::channel::RecvBuf;
 use crate::error::{Call, Error, Result};
-use crate::heartbeat::Board;
+use crate::heartbeat::{Board, FOLD_EVERY};
 use crate::listener::{self, Listener};
 use crate::settings::{Schedule, Settings};
 use crate::sys::{self, SignalSet};
@@ -292,6 +292,7 @@ impl Primary {
             conns: board.conns(slot),
         });
         self.apply();
+        self.board.fold_all(self.table.len());
         self.drain_pending();
         self.schedule_tick(now);
     }
@@ -302,7 +303,9 @@ impl Primary {
 
     fn schedule_tick(&mut self, now: Instant) {
         let periodic = self.sup.needs_tick() || self.dispatch.rearm_at.is_some();
-        self.tick_at = if periodic { Some(now + TICK) } else { None };
+        // The workers' 32-bit counters are folded into 64-bit totals at every tick, and ticks
+        // come at least every FOLD_EVERY.
+        self.tick_at = Some(now + if periodic { TICK } else { FOLD_EVERY });
     }
 }
 

@@ -100,7 +100,7 @@ struct Member {
     replaces: Option<Replace>,
     /// A replacement for it is under way.
     replaced: bool,
-    beat: u64,
+    beat: u32,
     beat_seen: Instant,
     hung: bool,
     max_conns: u64,
@@ -110,7 +110,7 @@ struct Member {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Probe {
     /// The heartbeat word: moves with progress; low bit set while idle.
-    pub(crate) beat: u64,
+    pub(crate) beat: u32,
     /// Connections it accepted itself (shared schedule).
     pub(crate) conns: u64,
 }
