@@ -108,11 +108,14 @@ impl Primary {
             self.events.push(Ev::Disconnect(id));
         }
         if reaped {
+            // Exit, and what the supervisor makes of it (the slot may hold a new worker
+            // afterwards).
             self.finish(slot);
+        } else {
+            self.sup.channel_closed(slot, Instant::now());
+            self.apply();
         }
         self.drain_pending();
-        self.sup.channel_closed(slot, Instant::now());
-        self.apply();
     }
 
     /// The worker's channel is closed and it was reaped: report `Exit`, free the slot, and let

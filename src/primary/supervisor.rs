@@ -704,3 +704,7 @@ pub(crate) fn after(now: Instant, d: Duration) -> Instant {
     const YEAR: Duration = Duration::from_secs(365 * 86_400);
     now.checked_add(d.min(YEAR)).unwrap_or(now)
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;
