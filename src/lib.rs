@@ -72,10 +72,19 @@
 //! |---|---|
 //! | [`frame`] | the wire format: a fixed, versioned 16-byte header and a bounded payload; pure, never panics (fuzzed) |
 //! | [`channel`] | one end of a `SOCK_SEQPACKET` socketpair: a frame and its fds per datagram (`sendmsg`/`recvmsg`, `SCM_RIGHTS`) |
-//! | `primary` | the loop: epoll over listeners, channels and a `signalfd`; the worker table; dispatch; supervision |
+//! | `listener` | listening sockets: binding what the builder asked for, their addresses |
+//! | `heartbeat` | the page of 32-bit counters each worker shares with the primary (one page per worker) |
+//! | `settings` | [`Schedule`], the supervisor's settings, the limits |
 //! | `worker` | the worker side: the next connection, message or disconnect request |
+//! | `primary` | the loop: epoll over listeners, channels and a `signalfd`, routing each ready fd to its room |
+//! | `primary::table` | worker slots, ids, generations, epoll tokens |
+//! | `primary::dispatch`, `primary::schedule` | accept, hand-off, the in-flight bound, recovery; which worker is next |
+//! | `primary::protocol` | frames from workers, judged and turned into events |
+//! | `primary::lifecycle`, `primary::spawn` | reaping, channel close, `Exit`; forking a worker |
+//! | `primary::supervisor` | the supervision policy as a state machine without system calls: backoff, restarts, recycling, hung workers, kill timers |
+//! | `primary::events` | [`Event`], [`ClusterStats`] |
 //! | `cluster` | the builder |
-//! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared heartbeat page, `_exit` |
+//! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared pages, `_exit` |
 //!
 //! Round-robin hand-off never loses a connection to a dying worker: the primary keeps a
 //! duplicate of each worker's end of its channel, so connection frames a worker had not read yet
