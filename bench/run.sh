@@ -35,6 +35,8 @@
 #   PEERS=<repo>/../shared/bench/peers   (read-only; copied to a scratch dir)
 #   BASE_PORT=18600  OUT=bench/results/<timestamp>  CARGO_TARGET_DIR (default <repo>/target)
 #   FLOOR_DIR=/tmp/forkcluster-bench-floor  (cargo project of the size floor, kept as a cache)
+#   BASE_REV=<commit>  also build hello at that commit: servers hello-base-rr, hello-base-shared,
+#       hello-base-rr-nodefer run beside the current build (before/after in one invocation)
 #
 # Every run is bounded (wrk -d, timeout); every server is stopped by pid (SIGTERM, then
 # SIGKILL), and the EXIT trap stops whatever is still running.
@@ -143,6 +145,19 @@ if has mem || has size; then
     || log "musl build failed (rustup target add $MUSL); hello-rr-musl and size will be missing"
 fi
 
+# BASE_REV: the same hello built from another commit, for before/after runs in one invocation
+# (servers hello-base-rr, hello-base-shared, hello-base-rr-nodefer).
+HELLO_BASE=""
+if [ -n "${BASE_REV:-}" ]; then
+  log "building hello at BASE_REV=$BASE_REV into $SCRATCH/base"
+  rm -rf "$SCRATCH/base" && mkdir -p "$SCRATCH/base/src" || die "mkdir failed"
+  (cd "$root" && git archive "$BASE_REV" | tar -x -C "$SCRATCH/base/src") || die "git archive $BASE_REV failed"
+  (cd "$SCRATCH/base/src" && CARGO_TARGET_DIR="$SCRATCH/base/target" timeout 1200 \
+     cargo build --release --example hello >&2) || die "cargo build at $BASE_REV failed"
+  HELLO_BASE=$SCRATCH/base/target/release/examples/hello
+  echo "base_rev=$BASE_REV ($(cd "$root" && git rev-parse --short "$BASE_REV"))" >> "$OUT/meta.txt"
+fi
+
 cd "$SCRATCH/peers" || exit 2
 # the crate's servers, in the peers' table format ({PORT} is replaced)
 CMD[hello-rr]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
@@ -150,6 +165,11 @@ CMD[hello-shared]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule share
 CMD[hello-rr-musl]="$HELLO_MUSL --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
 # hello without TCP_DEFER_ACCEPT, like the C servers (SERVERS="... hello-rr-nodefer")
 CMD[hello-rr-nodefer]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule rr --defer-accept 0"
+if [ -n "$HELLO_BASE" ]; then
+  CMD[hello-base-rr]="$HELLO_BASE --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
+  CMD[hello-base-shared]="$HELLO_BASE --listen 127.0.0.1:{PORT} --workers 2 --schedule shared"
+  CMD[hello-base-rr-nodefer]="$HELLO_BASE --listen 127.0.0.1:{PORT} --workers 2 --schedule rr --defer-accept 0"
+fi
 
 # ---------------------------------------------------------------------------------------------
 section_http() {
