@@ -75,6 +75,7 @@
 //! | `primary` | the loop: epoll over listeners, channels and a `signalfd`; the worker table; dispatch; supervision |
 //! | `worker` | the worker side: the next connection, message or disconnect request |
 //! | `cluster` | the builder |
+//! | [`systemd`] | socket activation (`LISTEN_FDS`) and `sd_notify` (`NOTIFY_SOCKET`, watchdog), without libsystemd |
 //! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared heartbeat page, `_exit` |
 //!
 //! Round-robin hand-off never loses a connection to a dying worker: the primary keeps a
@@ -111,6 +112,7 @@ mod error;
 pub mod frame;
 mod primary;
 mod sys;
+pub mod systemd;
 mod worker;
 
 pub use cluster::{Builder, Cluster, ExitCode, ListenAddr, Schedule, MAX_IN_FLIGHT, MAX_LISTENERS};
