@@ -13,7 +13,8 @@
 //! line `sd_listen: socket activation: fd 3 is not a socket` (and so on) on stderr and exit 1.
 //!
 //! With `--cluster N` it runs a cluster of N workers on the passed sockets
-//! (`Builder::systemd_listeners`) that answer `200` with `hello from worker <id>`, and drives
+//! (`Builder::systemd_listeners`) that answer `200` with `hello from worker <id> env=clean`
+//! (`env=` lists the systemd variables a worker inherited: none), and drives
 //! `NOTIFY_SOCKET` from its event loop: `STATUS=` as workers come and go, `READY=1` once all
 //! listen, `RELOADING=1` during a rolling restart (SIGHUP) and `READY=1` after it,
 //! `STOPPING=1` on SIGTERM, and `WATCHDOG=1` at half of `WATCHDOG_USEC`. Every event is one
@@ -27,6 +28,16 @@ use std::time::Instant;
 
 use forkcluster::systemd::{listen_fds, ActivatedFd, Notifier, SocketFamily, SocketKind};
 use forkcluster::{Cluster, Event, Next, State, Worker};
+
+/// The variables of socket activation and `sd_notify`.
+const SD_VARS: [&str; 6] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -191,7 +202,17 @@ fn cluster(n: usize) -> forkcluster::Result<()> {
 }
 
 fn work(mut worker: Worker) -> forkcluster::Result<()> {
-    let body = format!("hello from worker {}\n", worker.id());
+    // Which of systemd's variables this worker inherited: none, when the primary unset them.
+    let inherited: Vec<&str> = SD_VARS
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some())
+        .collect();
+    let env = if inherited.is_empty() {
+        "clean".to_string()
+    } else {
+        inherited.join(",")
+    };
+    let body = format!("hello from worker {} env={env}\n", worker.id());
     let resp = format!(
         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
