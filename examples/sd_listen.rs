@@ -26,7 +26,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::time::Instant;
 
-use forkcluster::systemd::{listen_fds, ActivatedFd, Notifier, SocketFamily, SocketKind};
+use forkcluster::systemd::{
+    listen_fds, ActivatedFd, Lifecycle, Notifier, SocketFamily, SocketKind,
+};
 use forkcluster::{Cluster, Event, Next, State, Worker};
 
 /// The variables of socket activation and `sd_notify`.
@@ -140,8 +142,9 @@ fn read_head(conn: &mut dyn ReadWrite) {
 }
 
 fn cluster(n: usize) -> forkcluster::Result<()> {
-    // Both read (and unset) their variables before the first fork.
-    let mut sd = Notifier::from_env(true)?;
+    // The notifier and `systemd_listeners` read (and unset) their variables before the first
+    // fork; Lifecycle turns the cluster's events into notifications, in systemd's order.
+    let mut sd = Notifier::from_env(true)?.map(Lifecycle::new);
     let mut primary = Cluster::builder()
         .systemd_listeners()?
         .workers(n)
@@ -149,54 +152,37 @@ fn cluster(n: usize) -> forkcluster::Result<()> {
     for (i, a) in primary.listen_addrs().enumerate() {
         eprintln!("listener {i}: {a}");
     }
-    let (mut ready, mut reloading, mut stopping) = (false, false, false);
-    let mut last_status = None;
     loop {
-        let next = match sd.as_ref().and_then(Notifier::next_watchdog) {
+        let next = match sd.as_ref().and_then(Lifecycle::deadline) {
             Some(at) => primary.next_event_until(at)?,
             None => primary.next_event()?,
         };
         let Some(event) = next else { break };
-        let (restart, done, stop) = match &event {
-            Event::Restart { .. } => (true, false, false),
-            Event::RestartDone => (false, true, false),
-            Event::Stopping { .. } => (false, false, true),
-            _ => (false, false, false),
-        };
+        let (restart, done, stop) = (
+            matches!(event, Event::Restart { .. }),
+            matches!(event, Event::RestartDone),
+            matches!(event, Event::Stopping { .. }),
+        );
         if !matches!(event, Event::Idle) {
             eprintln!("{event}");
         }
         drop(event);
         let Some(sd) = sd.as_mut() else { continue };
-        let _ = sd.watchdog_if_due(Instant::now());
-        if restart && !reloading {
-            reloading = true;
-            let _ = sd.reloading();
+        sd.tick(Instant::now());
+        if restart {
+            sd.reloading();
         }
         if done {
-            reloading = false;
-            ready = false;
+            sd.reloaded();
         }
-        if stop && !stopping {
-            stopping = true;
-            let _ = sd.stopping();
+        if stop {
+            sd.stopping();
         }
-        if stopping {
-            continue;
-        }
-        let wanted = primary.wanted_workers();
         let listening = primary
             .workers()
             .filter(|w| w.state == State::Listening && !w.exited_after_disconnect)
             .count();
-        if last_status != Some((listening, wanted)) {
-            last_status = Some((listening, wanted));
-            let _ = sd.status(listening, wanted);
-        }
-        if !ready && !reloading && listening >= wanted {
-            ready = true;
-            let _ = sd.ready();
-        }
+        sd.workers(listening, primary.wanted_workers());
     }
     Ok(())
 }

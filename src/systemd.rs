@@ -536,6 +536,162 @@ impl AsFd for Notifier {
     }
 }
 
+/// What a supervisor tells systemd and when: the state machine over a [`Notifier`] that
+/// turns the cluster's lifecycle into notifications, in the order systemd expects.
+///
+/// | call | sends |
+/// |---|---|
+/// | [`workers`](Self::workers)`(listening, wanted)` | `STATUS=<listening>/<wanted> workers` when it changed; then `READY=1` once `listening >= wanted` at start, and again at the end of a reload |
+/// | [`reloading`](Self::reloading) | `RELOADING=1` + `MONOTONIC_USEC=` (once per reload) |
+/// | [`reloaded`](Self::reloaded) | nothing itself: the next `workers` call with all listening sends `READY=1` |
+/// | [`stopping`](Self::stopping) | `STOPPING=1` (once); after it only `WATCHDOG=1` |
+/// | [`tick`](Self::tick)`(now)` | `WATCHDOG=1` when due (half of `WATCHDOG_USEC`) |
+///
+/// Sending never blocks; a failed send is counted ([`send_errors`](Self::send_errors)) and
+/// otherwise ignored: the service must go on whatever its manager does. Nothing allocates.
+///
+/// # Example
+///
+/// An application's own loop over [`Primary::next_event_until`](crate::Primary::next_event_until):
+///
+/// ```no_run
+/// use forkcluster::systemd::{Lifecycle, Notifier};
+/// use forkcluster::{Cluster, Event, State};
+///
+/// let mut sd = Notifier::from_env(true)?.map(Lifecycle::new);
+/// let mut primary = Cluster::builder().systemd_listeners()?.start(|_worker| ())?;
+/// loop {
+///     let next = match sd.as_ref().and_then(Lifecycle::deadline) {
+///         Some(at) => primary.next_event_until(at)?,
+///         None => primary.next_event()?,
+///     };
+///     let Some(event) = next else { break };
+///     let (restart, done, stop) = (
+///         matches!(event, Event::Restart { .. }),
+///         matches!(event, Event::RestartDone),
+///         matches!(event, Event::Stopping { .. }),
+///     );
+///     drop(event);
+///     if let Some(sd) = sd.as_mut() {
+///         sd.tick(std::time::Instant::now());
+///         if restart { sd.reloading() }
+///         if done { sd.reloaded() }
+///         if stop { sd.stopping() }
+///         let listening = primary
+///             .workers()
+///             .filter(|w| w.state == State::Listening && !w.exited_after_disconnect)
+///             .count();
+///         sd.workers(listening, primary.wanted_workers());
+///     }
+/// }
+/// # Ok::<(), forkcluster::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Lifecycle {
+    notifier: Notifier,
+    ready: bool,
+    reloading: bool,
+    stopping: bool,
+    last_status: Option<(usize, usize)>,
+    errors: u64,
+}
+
+impl Lifecycle {
+    /// Starts in "starting": nothing sent yet.
+    pub fn new(notifier: Notifier) -> Lifecycle {
+        Lifecycle {
+            notifier,
+            ready: false,
+            reloading: false,
+            stopping: false,
+            last_status: None,
+            errors: 0,
+        }
+    }
+
+    /// The notifier, for messages of the application's own.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
+    }
+
+    fn count(&mut self, r: Result<()>) {
+        if r.is_err() {
+            self.errors += 1;
+        }
+    }
+
+    /// The workers that take connections (`listening`, those not asked to leave) and the
+    /// number wanted: `STATUS=` when either changed, and `READY=1` when all listen and the
+    /// service was starting or reloading. Call it after every change (or every event: it sends
+    /// only on a change).
+    pub fn workers(&mut self, listening: usize, wanted: usize) {
+        if self.stopping {
+            return;
+        }
+        if self.last_status != Some((listening, wanted)) {
+            self.last_status = Some((listening, wanted));
+            let r = self.notifier.status(listening, wanted);
+            self.count(r);
+        }
+        if !self.ready && !self.reloading && listening >= wanted {
+            self.ready = true;
+            let r = self.notifier.ready();
+            self.count(r);
+        }
+    }
+
+    /// A reload (rolling restart) began: `RELOADING=1`, once until [`reloaded`](Self::reloaded).
+    pub fn reloading(&mut self) {
+        if self.stopping || self.reloading {
+            return;
+        }
+        self.reloading = true;
+        let r = self.notifier.reloading();
+        self.count(r);
+    }
+
+    /// The reload finished: `READY=1` follows from the next [`workers`](Self::workers) call
+    /// that finds every wanted worker listening.
+    pub fn reloaded(&mut self) {
+        if self.reloading {
+            self.reloading = false;
+            self.ready = false;
+        }
+    }
+
+    /// The service is stopping: `STOPPING=1`, once; no `STATUS=` or `READY=1` after it.
+    pub fn stopping(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let r = self.notifier.stopping();
+        self.count(r);
+    }
+
+    /// Whether `READY=1` was sent and no reload or stop is under way.
+    pub fn is_ready(&self) -> bool {
+        self.ready && !self.reloading && !self.stopping
+    }
+
+    /// When [`tick`](Self::tick) must run next (the watchdog), for the loop's wait.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.notifier.next_watchdog()
+    }
+
+    /// `WATCHDOG=1` when it is due at `now` ([`Notifier::watchdog_if_due`]). Call it from the
+    /// loop, so that a wedged loop stops the pings and systemd restarts the service.
+    pub fn tick(&mut self, now: Instant) {
+        let r = self.notifier.watchdog_if_due(now).map(|_| ());
+        self.count(r);
+    }
+
+    /// Notifications that could not be sent (systemd's queue full, no one listening).
+    pub fn send_errors(&self) -> u64 {
+        self.errors
+    }
+}
+
 /// `CLOCK_MONOTONIC` in microseconds, as systemd's `now(CLOCK_MONOTONIC)`.
 fn monotonic_usec() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);

@@ -24,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use forkcluster::systemd::{self, Notifier, SocketFamily, SocketKind};
+use forkcluster::systemd::{self, Lifecycle, Notifier, SocketFamily, SocketKind};
 use forkcluster::{Cluster, Error, Event, Next, State};
 
 fn main() {
@@ -38,6 +38,7 @@ fn main() {
         notify_allocates_nothing,
         watchdog_interval_and_cadence,
         notify_from_env_without_a_socket,
+        lifecycle_sends_in_systemd_order,
         listen_fds_without_activation,
         listen_fds_adopts_stream_and_datagram_sockets,
         listen_fds_rejects_what_is_not_a_listening_socket,
@@ -472,6 +473,26 @@ fn notify_allocates_nothing() {
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
     assert_eq!(allocs, 0, "1,000 notifications allocated {allocs} times");
     assert!(lens.iter().all(|&l| l > 0), "{lens:?}");
+    // The state machine over it: 1,000 steps of start, reload, scale and watchdog.
+    let mut sd = Lifecycle::new(n);
+    let mut received = 0;
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for i in 0..1_000usize {
+        match i % 10 {
+            0 => sd.reloading(),
+            5 => sd.reloaded(),
+            _ => sd.workers(i % 4, 3),
+        }
+        sd.tick(Instant::now());
+        while rustix::io::ioctl_fionread(&sock).unwrap_or(0) > 0 {
+            sock.recv(&mut buf).expect("recv");
+            received += 1;
+        }
+    }
+    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+    assert_eq!(allocs, 0, "1,000 lifecycle steps allocated {allocs} times");
+    assert_eq!(sd.send_errors(), 0);
+    assert!(received > 1_000, "{received}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -559,6 +580,95 @@ fn notify_from_env_without_a_socket() {
         assert!(matches!(e, Error::Invalid(_)), "{bad:?}: {e}");
         assert!(std::env::var_os("NOTIFY_SOCKET").is_none());
     }
+}
+
+/// Every notification waiting on `sock`, in order.
+fn drain(sock: &UnixDatagram) -> Vec<String> {
+    let mut v = Vec::new();
+    while pending(sock) {
+        v.push(recv(sock));
+    }
+    v
+}
+
+fn lifecycle_sends_in_systemd_order() {
+    let dir = temp_dir("lifecycle");
+    let path = dir.join("notify");
+    let sock = UnixDatagram::bind(&path).expect("bind");
+    let mut sd = Lifecycle::new(Notifier::new(&path).unwrap());
+    let none: [&str; 0] = [];
+    // Start: STATUS as workers come up, READY=1 once all listen, nothing when nothing changed.
+    sd.workers(0, 2);
+    sd.workers(1, 2);
+    assert!(!sd.is_ready());
+    sd.workers(2, 2);
+    sd.workers(2, 2);
+    assert_eq!(
+        drain(&sock),
+        [
+            "STATUS=0/2 workers",
+            "STATUS=1/2 workers",
+            "STATUS=2/2 workers",
+            "READY=1"
+        ]
+    );
+    assert!(sd.is_ready());
+    // A reload: RELOADING=1 once, no READY=1 while it runs, READY=1 after it.
+    sd.reloading();
+    sd.reloading();
+    assert!(!sd.is_ready());
+    sd.workers(3, 2);
+    sd.workers(2, 2);
+    let v = drain(&sock);
+    assert_eq!(v.len(), 3, "{v:?}");
+    assert!(v[0].starts_with("RELOADING=1\nMONOTONIC_USEC="), "{v:?}");
+    assert_eq!(v[1..], ["STATUS=3/2 workers", "STATUS=2/2 workers"]);
+    sd.reloaded();
+    assert_eq!(drain(&sock), none, "READY waits for the next count");
+    sd.workers(1, 2);
+    sd.workers(2, 2);
+    assert_eq!(
+        drain(&sock),
+        ["STATUS=1/2 workers", "STATUS=2/2 workers", "READY=1"]
+    );
+    // reloaded() without a reload changes nothing.
+    sd.reloaded();
+    sd.workers(2, 2);
+    assert_eq!(drain(&sock), none);
+    // Scaling: STATUS only; READY=1 was said.
+    sd.workers(2, 3);
+    sd.workers(3, 3);
+    assert_eq!(drain(&sock), ["STATUS=2/3 workers", "STATUS=3/3 workers"]);
+    // Stop: STOPPING=1 once, then nothing of the rest.
+    sd.stopping();
+    sd.stopping();
+    sd.workers(1, 3);
+    sd.reloading();
+    sd.reloaded();
+    sd.workers(3, 3);
+    assert_eq!(drain(&sock), ["STOPPING=1"]);
+    assert!(!sd.is_ready());
+    assert_eq!(sd.deadline(), None, "no watchdog without WATCHDOG_USEC");
+    sd.tick(Instant::now());
+    assert_eq!(drain(&sock), none);
+    assert_eq!(sd.send_errors(), 0);
+    // With a watchdog, tick pings when due; failed sends are counted, never fatal.
+    std::env::set_var("NOTIFY_SOCKET", &path);
+    std::env::set_var("WATCHDOG_USEC", "20000");
+    let mut sd = Lifecycle::new(Notifier::from_env(true).unwrap().unwrap());
+    let at = sd.deadline().expect("a watchdog deadline");
+    sd.tick(at - Duration::from_millis(5));
+    assert_eq!(drain(&sock), none);
+    sd.tick(at);
+    assert_eq!(drain(&sock), ["WATCHDOG=1"]);
+    assert_eq!(sd.deadline(), Some(at + Duration::from_millis(10)));
+    drop(sock);
+    sd.workers(1, 1);
+    sd.tick(at + Duration::from_secs(1));
+    assert_eq!(sd.send_errors(), 3, "STATUS, READY and WATCHDOG failed");
+    assert!(sd.is_ready());
+    sd.notifier().send("STATUS=x").unwrap_err();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------
