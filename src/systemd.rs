@@ -124,8 +124,9 @@ impl From<ActivatedFd> for OwnedFd {
 /// empty (a child that inherited the variables must not take fds meant for its parent). Each
 /// fd must be an `AF_INET`, `AF_INET6` or `AF_UNIX` socket that is either a listening
 /// `SOCK_STREAM` socket or a `SOCK_DGRAM` socket ([`SocketKind`] says which); anything else
-/// fails with [`Error::Activation`], which names the fd and what is wrong with it (and every fd
-/// passed is closed). Every fd returned is close-on-exec.
+/// fails with [`Error::Activation`], which names the fd and what is wrong with it. On any error
+/// after the fds were taken (a bad fd, a `LISTEN_FDNAMES` without one name per fd) every fd
+/// passed is closed. Every fd returned is close-on-exec.
 ///
 /// With `unset_env`, the three variables are removed from the environment (whether or not they
 /// were valid), so that workers and programs they run do not see them. Removing them is only
@@ -169,14 +170,7 @@ pub fn listen_fds(unset_env: bool) -> Result<Vec<ActivatedFd>> {
         return Ok(Vec::new());
     };
     let pid = parse_u64(&pid).ok_or(Error::Invalid("LISTEN_PID is not a pid"))?;
-    if pid
-        != u64::from(
-            rustix::process::getpid()
-                .as_raw_nonzero()
-                .get()
-                .unsigned_abs(),
-        )
-    {
+    if pid != my_pid() {
         return Ok(Vec::new());
     }
     let n = parse_u64(&fds).ok_or(Error::Invalid("LISTEN_FDS is not a number"))?;
@@ -184,7 +178,6 @@ pub fn listen_fds(unset_env: bool) -> Result<Vec<ActivatedFd>> {
         return Err(Error::Invalid("LISTEN_FDS is larger than MAX_LISTEN_FDS"));
     }
     let n = n as usize;
-    let names = split_names(names.as_deref(), n)?;
     let Some(taken) = crate::sys::take_inherited_fds(LISTEN_FDS_START, n) else {
         return Ok(Vec::new());
     };
@@ -210,6 +203,7 @@ pub fn listen_fds(unset_env: bool) -> Result<Vec<ActivatedFd>> {
     if let Some(e) = first_error {
         return Err(e);
     }
+    let names = split_names(names.as_deref(), n)?;
     let mut out = Vec::with_capacity(n);
     for ((raw, fd), name) in owned.into_iter().zip(names) {
         let (family, kind) = classify(raw, fd.as_fd())?;
@@ -254,6 +248,16 @@ fn classify(raw: RawFd, fd: BorrowedFd<'_>) -> Result<(SocketFamily, SocketKind)
         ));
     };
     Ok((family, kind))
+}
+
+/// This process's pid, as the variables spell it.
+fn my_pid() -> u64 {
+    u64::from(
+        rustix::process::getpid()
+            .as_raw_nonzero()
+            .get()
+            .unsigned_abs(),
+    )
 }
 
 /// A decimal number with nothing around it, as `LISTEN_PID`/`LISTEN_FDS`/`WATCHDOG_USEC` are.
@@ -726,14 +730,7 @@ pub fn watchdog_interval(unset_env: bool) -> Result<Option<Duration>> {
         let pid = parse_u64(&pid)
             .filter(|&p| p > 0)
             .ok_or(Error::Invalid("WATCHDOG_PID is not a pid"))?;
-        if pid
-            != u64::from(
-                rustix::process::getpid()
-                    .as_raw_nonzero()
-                    .get()
-                    .unsigned_abs(),
-            )
-        {
+        if pid != my_pid() {
             return Ok(None);
         }
     }
