@@ -698,7 +698,7 @@ fn listen_fds_without_activation() {
         std::env::set_var("LISTEN_FDS", "1");
         assert!(matches!(systemd::listen_fds(true), Err(Error::Invalid(_))));
         assert!(is_open(3), "not taken on a malformed variable");
-        // One name for two fds: taken, and closed with the error
+        // One name for two fds: taken, and closed with the error.
         put_at(TcpListener::bind("127.0.0.1:0").unwrap(), 4);
         set_activation_env(2, Some("web"));
         assert!(matches!(
