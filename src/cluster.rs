@@ -323,3 +323,48 @@ impl Builder {
         Primary::start(settings, listeners, n, Box::new(move |w| worker(w).code()))
     }
 }
+
+impl Builder {
+    /// Serves the sockets systemd passed to this process (socket activation): every socket
+    /// of [`listen_fds`](crate::systemd::listen_fds), in order, becomes a listener of the cluster, after any added before
+    /// (so with nothing else added, systemd's first socket is listener 0), as
+    /// [`listener_fd`](Builder::listener_fd) would add it. The variables are unset, so workers
+    /// and programs they run do not inherit them.
+    ///
+    /// When this process was not socket-activated, nothing is added, and the cluster listens
+    /// on what else the builder was given. A passed socket the cluster cannot serve (not a
+    /// listening stream socket, such as a datagram socket) is an [`Error::Activation`]; an
+    /// application that wants its datagram sockets, or the sockets' names (`LISTEN_FDNAMES`),
+    /// calls [`listen_fds`](crate::systemd::listen_fds) itself and hands the stream sockets to `listener_fd`.
+    ///
+    /// As for any listener, [`backlog`](Builder::backlog) and
+    /// [`defer_accept`](Builder::defer_accept) apply to the adopted sockets too.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use forkcluster::Cluster;
+    ///
+    /// let primary = Cluster::builder()
+    ///     .systemd_listeners()?
+    ///     .workers(4)
+    ///     .start(|worker| {
+    ///         // serve worker.next() ...
+    ///         # drop(worker);
+    ///     })?;
+    /// # Ok::<(), forkcluster::Error>(())
+    /// ```
+    pub fn systemd_listeners(self) -> Result<Self> {
+        let passed = crate::systemd::listen_fds(true)?;
+        if let Some(bad) = passed
+            .iter()
+            .find(|s| s.kind != crate::systemd::SocketKind::Stream)
+        {
+            return Err(Error::Activation {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&bad.fd),
+                why: "is a datagram socket: the cluster serves listening stream sockets only",
+            });
+        }
+        Ok(passed.into_iter().fold(self, |b, s| b.listener_fd(s.fd)))
+    }
+}

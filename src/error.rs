@@ -55,6 +55,14 @@ pub enum Error {
     Capacity(&'static str),
     /// No worker with that id is alive.
     NoSuchWorker(u32),
+    /// A file descriptor passed by the service manager (systemd socket activation,
+    /// [`systemd::listen_fds`](crate::systemd::listen_fds)) is not what it must be.
+    Activation {
+        /// The descriptor's number (3 for the first).
+        fd: i32,
+        /// What is wrong with it (`"is not a socket"`, ...).
+        why: &'static str,
+    },
 }
 
 impl Error {
@@ -102,6 +110,7 @@ impl fmt::Display for Error {
             Error::Invalid(why) => write!(f, "invalid: {why}"),
             Error::Capacity(what) => write!(f, "capacity exceeded: {what}"),
             Error::NoSuchWorker(id) => write!(f, "no live worker with id {id}"),
+            Error::Activation { fd, why } => write!(f, "socket activation: fd {fd} {why}"),
         }
     }
 }

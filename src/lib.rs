@@ -84,6 +84,7 @@
 //! | `primary::supervisor` | the supervision policy as a state machine without system calls: backoff, restarts, recycling, hung workers, kill timers |
 //! | `primary::events` | [`Event`], [`ClusterStats`] |
 //! | `cluster` | the builder |
+//! | [`systemd`] | socket activation (`LISTEN_FDS`) and `sd_notify` (`NOTIFY_SOCKET`, watchdog), without libsystemd |
 //! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared pages, `_exit` |
 //!
 //! Round-robin hand-off never loses a connection to a dying worker: the primary keeps a
@@ -123,6 +124,7 @@ mod listener;
 mod primary;
 mod settings;
 mod sys;
+pub mod systemd;
 mod worker;
 
 pub use cluster::{Builder, Cluster, ExitCode};

@@ -11,11 +11,12 @@
 //! | [`SharedPages`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)`, `munmap` | turning the mapping into `&[AtomicU32]`; unmapping the other workers' pages in a child |
 //! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
 //! | [`set_tcp_defer_accept`] | `setsockopt(TCP_DEFER_ACCEPT)` | not in `rustix` |
+//! | [`take_inherited_fds`] | `OwnedFd::from_raw_fd` | owning the fds a service manager passed (socket activation) |
 
 #![allow(unsafe_code)]
 
-use core::sync::atomic::AtomicU32;
-use std::os::fd::{FromRawFd, OwnedFd};
+use core::sync::atomic::{AtomicBool, AtomicU32};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use crate::error::{Error, Result};
 
@@ -63,6 +64,38 @@ pub(crate) fn set_tcp_defer_accept(fd: std::os::fd::BorrowedFd<'_>, secs: u32) -
         ));
     }
     Ok(())
+}
+
+/// Whether [`take_inherited_fds`] ran in this process (or in the parent it was forked from).
+static INHERITED_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the `n` descriptors `first..first + n` that this process inherited at
+/// numbers fixed by a protocol (systemd's `LISTEN_FDS`: from 3). Each entry is the number and
+/// the descriptor, or `None` when that number is not open.
+///
+/// Works once per process: a second call returns `None` and takes nothing, so that no number is
+/// ever owned twice (the caller checked that the fds were meant for this process, as
+/// `LISTEN_PID` says). Numbers above `i32::MAX` are not taken.
+pub(crate) fn take_inherited_fds(first: RawFd, n: usize) -> Option<Vec<(RawFd, Option<OwnedFd>)>> {
+    if INHERITED_TAKEN.swap(true, core::sync::atomic::Ordering::AcqRel) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let Some(raw) = i32::try_from(i).ok().and_then(|i| first.checked_add(i)) else {
+            break;
+        };
+        // SAFETY: F_GETFD only reads the descriptor's flags; on a number that is not open it
+        // fails with EBADF and has no effect.
+        let open = unsafe { libc::fcntl(raw, libc::F_GETFD) } != -1;
+        // SAFETY: the descriptor is open, it was passed to this process by its parent for this
+        // purpose (the caller checked LISTEN_PID), and nothing else in the process owns it: the
+        // crate takes these numbers once per process (INHERITED_TAKEN above), and the protocol
+        // reserves them for the service manager's sockets.
+        let fd = open.then(|| unsafe { OwnedFd::from_raw_fd(raw) });
+        out.push((raw, fd));
+    }
+    Some(out)
 }
 
 /// `fork(2)`.
