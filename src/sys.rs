@@ -10,6 +10,8 @@
 //! | [`SignalSet`] | `sigprocmask(2)`, `signalfd(2)` | not in `rustix` outside its `runtime` module |
 //! | [`SharedPages`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)`, `munmap` | turning the mapping into `&[AtomicU32]`; unmapping the other workers' pages in a child |
 //! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
+//! | [`peek_exited_child`] | `waitid(P_ALL, WNOWAIT)` | `rustix`'s `waitid` does not return the pid |
+//! | [`set_default`], [`ignore`] | `sigaction(2)` | SIGCHLD must not be `SIG_IGN` while the primary runs |
 //! | [`set_tcp_defer_accept`] | `setsockopt(TCP_DEFER_ACCEPT)` | not in `rustix` |
 //! | [`take_inherited_fds`] | `OwnedFd::from_raw_fd` | owning the fds a service manager passed (socket activation) |
 
@@ -208,6 +210,58 @@ pub(crate) fn reset_child_signals(ignored: &[i32]) {
         let mut empty: libc::sigset_t = core::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, core::ptr::null_mut());
+    }
+}
+
+/// The pid of a child that has exited and is waiting to be reaped, without reaping it
+/// (`waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`; `rustix`'s `waitid` does not give the pid).
+/// `None` when no child has exited (or there is no child).
+pub(crate) fn peek_exited_child() -> Option<u32> {
+    // SAFETY: an all-zero siginfo_t is a valid out-value; waitid writes it and reads nothing.
+    let mut info: libc::siginfo_t = unsafe { core::mem::zeroed() };
+    loop {
+        // SAFETY: `info` is a valid out-pointer for the call; P_ALL takes no id.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        if errno() != libc::EINTR {
+            return None;
+        }
+    }
+    // SAFETY: after a successful waitid, si_pid is set (0 when no child had exited).
+    let pid = unsafe { info.si_pid() };
+    (pid > 0).then_some(pid as u32)
+}
+
+/// Sets `sig` back to its default disposition; true when it was ignored (`SIG_IGN`) before,
+/// for [`ignore`] to restore.
+pub(crate) fn set_default(sig: i32) -> bool {
+    let was = is_ignored(sig);
+    // SAFETY: sigaction with a zeroed struct and SIG_DFL handler is valid for a catchable
+    // signal; the old action is not needed (is_ignored read it).
+    unsafe {
+        let mut dfl: libc::sigaction = core::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, core::ptr::null_mut());
+    }
+    was
+}
+
+/// Sets `sig` to `SIG_IGN`.
+pub(crate) fn ignore(sig: i32) {
+    // SAFETY: as in `set_default`, with the SIG_IGN handler.
+    unsafe {
+        let mut ign: libc::sigaction = core::mem::zeroed();
+        ign.sa_sigaction = libc::SIG_IGN;
+        libc::sigaction(sig, &ign, core::ptr::null_mut());
     }
 }
 

@@ -41,6 +41,12 @@ pub struct ClusterStats {
     pub accept_pauses: u64,
     /// Forks that failed (reported as [`Event::SpawnFailed`] and retried after a backoff).
     pub spawn_failures: u64,
+    /// Control signals (TERM, INT, QUIT, HUP, TTIN, TTOU) sent by one of the cluster's own
+    /// workers, and ignored.
+    pub ignored_signals: u64,
+    /// Children that were not workers, reaped because the primary is PID 1 or a child
+    /// subreaper (orphaned grandchildren).
+    pub orphans_reaped: u64,
 }
 
 /// Something that happened in the cluster. One line each through `Display`.
@@ -93,8 +99,8 @@ pub enum Event<'a> {
         /// Whether it was asked to leave (Node's `exitedAfterDisconnect`): false for a crash.
         exited_after_disconnect: bool,
     },
-    /// A worker broke the protocol (malformed frame, unexpected fds); its channel was closed and
-    /// it will be killed if it does not exit.
+    /// A worker broke the protocol (malformed frame, unexpected fds, a frame only the primary
+    /// sends, an announcement twice): its channel was closed and it was sent SIGKILL.
     WorkerError {
         /// Worker id.
         id: u32,

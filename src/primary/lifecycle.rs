@@ -12,6 +12,7 @@ use super::table::{watch, State};
 use super::Primary;
 use crate::error::{Error, Result};
 use crate::frame::{Frame, Kind};
+use crate::sys;
 
 impl Primary {
     /// The signalfd is readable: SIGCHLD reaps; the others are the supervisor's.
@@ -26,9 +27,18 @@ impl Primary {
                 Ok(0) => break,
                 Ok(n) => {
                     for info in buf[..n].chunks_exact(128) {
-                        let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as i32;
+                        // struct signalfd_siginfo: ssi_signo at 0, ssi_pid at 12.
+                        let word = |at: usize| {
+                            u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]])
+                        };
+                        let (signo, sender) = (word(0) as i32, word(12));
                         if signo == libc::SIGCHLD {
                             chld = true;
+                        } else if self.table.find_pid(sender).is_some() {
+                            // A control signal from one of our own workers: a worker may be
+                            // compromised, and stopping, restarting or scaling the cluster is
+                            // not its decision.
+                            self.events.stats.ignored_signals += 1;
                         } else {
                             self.sup.on_signal(signo, Instant::now());
                             self.apply();
@@ -46,33 +56,66 @@ impl Primary {
         Ok(())
     }
 
-    /// Reaps our workers only (`waitpid(pid, WNOHANG)` per worker: never `waitpid(-1)`, which
-    /// would steal the exit status of the application's other children).
+    /// Reaps what exited. A peek (`waitid(WNOWAIT)`) names the next child that exited
+    /// without reaping it: a worker is reaped with `waitpid(pid)` (O(1) per exit). Any other
+    /// child is reaped only when the primary is PID 1 or a child subreaper (orphans are then
+    /// reparented to it and nobody else would reap them); otherwise it is the application's,
+    /// its status stays for the application's own `waitpid`, and the primary falls back to a
+    /// `waitpid(pid, WNOHANG)` per worker. It never calls `waitpid(-1)`, which could steal an
+    /// application child's status.
     fn reap(&mut self) {
         let now = Instant::now();
-        for slot in 0..self.table.len() {
-            let Some(w) = self.table.get_mut(slot) else {
-                continue;
-            };
-            if w.status.is_some() {
-                continue;
-            }
-            let r = loop {
-                match rustix::process::waitpid(Some(w.pid), WaitOptions::NOHANG) {
-                    Err(Errno::INTR) => continue,
-                    other => break other,
+        let mut sweep = false;
+        while let Some(pid) = sys::peek_exited_child() {
+            match self.table.find_pid(pid) {
+                Some(slot) if self.table.get(slot).is_some_and(|w| w.status.is_none()) => {
+                    if !self.reap_slot(slot, now) {
+                        sweep = true;
+                        break;
+                    }
                 }
-            };
-            match r {
-                Ok(Some((_, st))) => w.status = Some(raw_status(st)),
-                Ok(None) => continue,
-                // ECHILD: not our child any more (reaped elsewhere). Report it as killed.
-                Err(_) => w.status = Some(libc::SIGKILL),
+                _ if self.reap_orphans => {
+                    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::waitpid(Some(p), WaitOptions::NOHANG);
+                        self.events.stats.orphans_reaped += 1;
+                    }
+                }
+                _ => {
+                    sweep = true;
+                    break;
+                }
             }
-            self.after_reap(slot, now);
+        }
+        if sweep {
+            for slot in 0..self.table.len() {
+                if self.table.get(slot).is_some_and(|w| w.status.is_none()) {
+                    self.reap_slot(slot, now);
+                }
+            }
         }
         self.sup.respawn(now);
         self.apply();
+    }
+
+    /// `waitpid(pid, WNOHANG)` for the worker in `slot`; true when it was reaped.
+    fn reap_slot(&mut self, slot: usize, now: Instant) -> bool {
+        let Some(w) = self.table.get_mut(slot) else {
+            return false;
+        };
+        let r = loop {
+            match rustix::process::waitpid(Some(w.pid), WaitOptions::NOHANG) {
+                Err(Errno::INTR) => continue,
+                other => break other,
+            }
+        };
+        match r {
+            Ok(Some((_, st))) => w.status = Some(raw_status(st)),
+            Ok(None) => return false,
+            // ECHILD: not our child any more (reaped elsewhere). Report it as killed.
+            Err(_) => w.status = Some(libc::SIGKILL),
+        }
+        self.after_reap(slot, now);
+        true
     }
 
     /// A worker was reaped: take back the connections it never received; once everything it
@@ -127,8 +170,12 @@ impl Primary {
         };
         self.alive -= 1;
         let raw = w.status.unwrap_or(0);
-        self.events
-            .push(Ev::Exit(w.id, w.pid_u32(), raw, w.leaving));
+        self.events.push(Ev::Exit(
+            w.id,
+            w.pid_u32(),
+            raw,
+            w.leaving || w.closed_itself,
+        ));
         self.sup.exited(slot, raw, Instant::now());
         self.apply();
     }

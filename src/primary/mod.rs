@@ -80,6 +80,14 @@ pub struct Primary {
     alive: usize,
     tick_at: Option<Instant>,
     seq: u32,
+    /// Frames read from the current ready channel in this round (fairness: see `protocol`).
+    frames: usize,
+    /// The loop steps back to the current ready fd next time.
+    again: bool,
+    /// PID 1 or a child subreaper: children that are not workers are reaped too.
+    reap_orphans: bool,
+    /// SIGCHLD was ignored when the cluster started (restored on drop).
+    chld_was_ignored: bool,
 }
 
 impl Primary {
@@ -108,6 +116,9 @@ impl Primary {
                 ignored.push(s);
             }
         }
+        // With SIGCHLD ignored the kernel reaps children itself and no exit would be seen:
+        // the default disposition while the primary runs, the old one back when it is dropped.
+        let chld_was_ignored = sys::set_default(libc::SIGCHLD);
         let mut sigset = SignalSet::new(&sigs);
         let sigfd = sigset.block_and_open()?;
         epoll::add(
@@ -166,6 +177,11 @@ impl Primary {
             alive: 0,
             tick_at: None,
             seq: 0,
+            frames: 0,
+            again: false,
+            reap_orphans: me.as_raw_nonzero().get() == 1
+                || rustix::process::child_subreaper().is_ok_and(|p| p.is_some()),
+            chld_was_ignored,
             settings,
         };
         for _ in 0..n {
@@ -196,6 +212,11 @@ impl Primary {
             if self.ev_pos < self.ev_len {
                 let e = self.evbuf[self.ev_pos];
                 self.ev_pos += 1;
+                // A new ready fd gets a new frame budget; a channel the loop came back to
+                // (after returning a message or an event) goes on with what it had left.
+                if !core::mem::take(&mut self.again) {
+                    self.frames = 0;
+                }
                 let data = e.data.u64();
                 let flags = { e.flags };
                 match data & TAG_MASK {
@@ -333,6 +354,9 @@ impl Drop for Primary {
         listener::unlink_all(&self.dispatch.listeners);
         self.sigfd = None;
         self.sigset.restore();
+        if self.chld_was_ignored {
+            sys::ignore(libc::SIGCHLD);
+        }
     }
 }
 

@@ -1,6 +1,11 @@
 //! Frames from a worker: read them (a bounded number per wakeup), check each against what a
 //! worker may send in its state, and turn it into an event, a state change or a protocol error.
 //!
+//! Fairness: at most [`FRAME_BUDGET`] frames of one worker are handled per `epoll_wait` round,
+//! messages included (each returned to the application counts), before the listeners, the
+//! signalfd, the ticks and the other workers get their turn. One worker flooding its channel
+//! therefore delays the others by at most that many frames per round.
+//!
 //! Nothing a worker sends is trusted: a frame that does not decode, carries fds it should not,
 //! names a listener that does not exist or is of a kind only the primary sends is a protocol
 //! error; the worker's channel is closed and the supervisor kills it.
@@ -39,18 +44,32 @@ pub(crate) enum Verdict {
     Violation(&'static str),
 }
 
-/// Judges a decoded frame: its kind, and the listener index it names (if any), in a cluster of
-/// `listeners` listeners. Pure: the fuzz target and the tests call it directly.
-pub(crate) fn judge(kind: Kind, listener: Option<u16>, listeners: usize) -> Verdict {
+/// The bit of [`W::announced`](super::table::W) for `Online` and for `Listening(NO_LISTENER)`.
+pub(crate) const SAID_ONLINE: u32 = 1 << 31;
+pub(crate) const SAID_LOOPING: u32 = 1 << 30;
+
+/// Judges a decoded frame: its kind, the listener index it names (if any), in a cluster of
+/// `listeners` listeners, from a worker that already announced `said` (bits: listener
+/// indexes, [`SAID_ONLINE`], [`SAID_LOOPING`]). Each announcement comes once; a second one is a
+/// violation, so that a worker cannot make the primary queue events at its will. Pure: the fuzz
+/// target and the tests call it directly.
+pub(crate) fn judge(kind: Kind, listener: Option<u16>, listeners: usize, said: u32) -> Verdict {
     match kind {
         Kind::Message => Verdict::Message,
+        Kind::Online if said & SAID_ONLINE != 0 => Verdict::Violation("Online sent twice"),
         Kind::Online => Verdict::Online,
         Kind::Listening => {
             let li = listener.unwrap_or(u16::MAX) as usize;
             if li == frame::NO_LISTENER as usize && listeners == 0 {
-                Verdict::Looping
+                if said & SAID_LOOPING != 0 {
+                    Verdict::Violation("Listening sent twice")
+                } else {
+                    Verdict::Looping
+                }
             } else if li >= listeners {
                 Verdict::Violation("Listening for a listener that does not exist")
+            } else if said & (1 << li) != 0 {
+                Verdict::Violation("Listening sent twice")
             } else {
                 Verdict::Listening(li)
             }
@@ -65,6 +84,18 @@ pub(crate) fn judge(kind: Kind, listener: Option<u16>, listeners: usize) -> Verd
     }
 }
 
+impl Verdict {
+    /// The announcement bit this verdict records.
+    fn said(self) -> Option<u32> {
+        match self {
+            Verdict::Online => Some(SAID_ONLINE),
+            Verdict::Looping => Some(SAID_LOOPING),
+            Verdict::Listening(i) => Some(1 << i),
+            _ => None,
+        }
+    }
+}
+
 impl Primary {
     /// A worker's channel is readable: handle its frames, up to the budget. A message is
     /// returned to the caller (it borrows the receive buffer) and the loop comes back to this
@@ -74,16 +105,18 @@ impl Primary {
         slot: usize,
         gen: u32,
     ) -> Option<(u32, usize, ArrayVec<OwnedFd, MAX_FDS>)> {
-        for _ in 0..FRAME_BUDGET {
+        while self.frames < FRAME_BUDGET {
             // Events queued by the frames read so far go out first, and the loop comes back
             // for the rest: a message must not overtake the `Online` or `Listening` before it.
             if !self.events.queue.is_empty() {
-                self.ev_pos -= 1;
+                self.come_back();
                 return None;
             }
+            self.frames += 1;
             let w = self.table.get_gen(slot, gen)?;
             let chan = w.chan.as_ref()?;
             let id = w.id;
+            let said = w.announced;
             let got = chan.try_recv(&mut self.rbuf).map(|r| r.map(Received::take));
             let Taken {
                 kind,
@@ -100,7 +133,7 @@ impl Primary {
                     return None;
                 }
                 Err(Error::Closed) => {
-                    self.channel_closed(slot);
+                    self.worker_closed(slot);
                     return None;
                 }
                 Err(e) => {
@@ -108,10 +141,17 @@ impl Primary {
                     return None;
                 }
             };
-            match judge(kind, listener, self.dispatch.listeners.len()) {
+            let verdict = judge(kind, listener, self.dispatch.listeners.len(), said);
+            if let (Some(w), Some(bit)) = (self.table.get_mut(slot), verdict.said()) {
+                w.announced |= bit;
+            }
+            match verdict {
                 Verdict::Message => {
-                    // Come back to this channel for the frames behind this one.
-                    self.ev_pos -= 1;
+                    // Come back to this channel for the frames behind this one, while its
+                    // budget lasts.
+                    if self.frames < FRAME_BUDGET {
+                        self.come_back();
+                    }
                     return Some((id, len, fds));
                 }
                 Verdict::Online => {
@@ -139,7 +179,7 @@ impl Primary {
                 }
                 Verdict::Ignore => {}
                 Verdict::Close => {
-                    self.channel_closed(slot);
+                    self.worker_closed(slot);
                     return None;
                 }
                 Verdict::Violation(what) => {
@@ -148,8 +188,15 @@ impl Primary {
                 }
             }
         }
-        // Budget used up: come back after the other ready fds.
+        // Budget used up: the other ready fds, signals and ticks come first; the channel is
+        // still readable (level-triggered), so the next `epoll_wait` returns it again.
         None
+    }
+
+    /// Steps the loop back to the ready fd it is handling, for the next call.
+    fn come_back(&mut self) {
+        self.ev_pos -= 1;
+        self.again = true;
     }
 
     /// The worker broke the protocol: report it, close its channel; the supervisor kills it.
@@ -158,8 +205,22 @@ impl Primary {
             return;
         };
         self.events.push(Ev::WorkerError(w.id, error));
-        self.sup.broke_protocol(slot, Instant::now());
+        self.sup.broke_protocol(slot);
         self.apply();
+        self.channel_closed(slot);
+    }
+
+    /// The worker closed its channel (`Close`, or end of file): if it is alive, it is
+    /// disconnecting itself (Node's `worker.disconnect()` from the worker's side), and its exit
+    /// counts as one after a disconnect.
+    fn worker_closed(&mut self, slot: usize) {
+        if let Some(w) = self.table.get_mut(slot) {
+            if w.status.is_none() {
+                w.closed_itself = true;
+                self.sup.closed_itself(slot, Instant::now());
+                self.apply();
+            }
+        }
         self.channel_closed(slot);
     }
 }

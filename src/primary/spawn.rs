@@ -91,6 +91,8 @@ impl Primary {
                         status: None,
                         dispatched: 0,
                         max_conns,
+                        announced: 0,
+                        closed_itself: false,
                     },
                 );
                 self.alive += 1;

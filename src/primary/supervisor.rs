@@ -10,8 +10,12 @@
 //!
 //! The rules (gunicorn's arbiter reads the same way: reap, murder the timed out, manage the
 //! count):
-//! * **Respawn.** Workers that count towards the wanted number are those not asked to leave and
-//!   still connected; whenever fewer are there, it forks the difference, unless a backoff runs.
+//! * **Respawn.** Workers that count towards the wanted number are those not asked to leave
+//!   (until they exit: a worker that closed its channel or broke the protocol is replaced once
+//!   it is gone, by the same backoff rules as a crash, never before); whenever fewer are there,
+//!   it forks the difference, unless a backoff runs.
+//! * **Protocol violations** are answered with SIGKILL at once. A worker that closes its channel
+//!   itself is disconnecting: it has the graceful timeout to finish, then SIGKILL.
 //! * **Crash-loop backoff.** A worker that dies before it was ready and before `healthy_uptime`
 //!   is a start-up crash: the next fork waits `backoff_min`, doubling with every crash of the
 //!   streak up to `backoff_max`. The streak ends when a worker forked after the last crash has
@@ -126,6 +130,8 @@ pub(crate) struct Supervisor {
     desired: usize,
     /// Forks asked for whose result has not been reported yet.
     forking: usize,
+    /// Members not asked to leave (kept as a count: O(1) per decision).
+    staying: usize,
     crash_streak: u32,
     /// When the last worker died young (a crash of the streak).
     last_crash: Option<Instant>,
@@ -154,6 +160,7 @@ impl Supervisor {
             run: Run::Running,
             desired,
             forking: 0,
+            staying: 0,
             crash_streak: 0,
             last_crash: None,
             respawn_at: None,
@@ -189,6 +196,10 @@ impl Supervisor {
             None => u64::MAX,
         };
         if let Some(m) = self.members.get_mut(slot) {
+            if m.as_ref().is_some_and(|o| !o.leaving) {
+                self.staying -= 1;
+            }
+            self.staying += 1;
             *m = Some(Member {
                 id,
                 started: now,
@@ -263,14 +274,25 @@ impl Supervisor {
         true
     }
 
-    /// The worker in `slot` broke the protocol: SIGKILL after the fast timeout unless it exits
-    /// first (its channel is closed next).
-    pub(crate) fn broke_protocol(&mut self, slot: usize, now: Instant) {
-        let at = after(now, self.cfg.fast_timeout);
+    /// The worker in `slot` broke the protocol: SIGKILL now (its channel is closed next). It
+    /// is replaced once it is gone, by the rules of a crash.
+    pub(crate) fn broke_protocol(&mut self, slot: usize) {
+        if self.members.get(slot).is_some_and(Option::is_some) {
+            self.out.push_back(Action::Signal {
+                slot,
+                sig: Signal::KILL,
+            });
+        }
+    }
+
+    /// The worker in `slot` closed its channel itself (a `Close` frame, or end of file while
+    /// it lives): it is disconnecting, and has the graceful timeout to finish and exit.
+    pub(crate) fn closed_itself(&mut self, slot: usize, now: Instant) {
+        let at = after(now, self.cfg.graceful_timeout);
         let Some(m) = self.members.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        if m.kill_at.is_none() {
+        if m.kill_at.map_or(true, |(t, _)| t > at) {
             m.kill_at = Some((at, Signal::KILL));
         }
         self.out.push_back(Action::Wake(at));
@@ -300,6 +322,9 @@ impl Supervisor {
         let Some(m) = self.members.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        if !m.leaving {
+            self.staying -= 1;
+        }
         if let Some(r) = m.replaces {
             // A replacement died before it was ready: the old worker stays and is tried again.
             if let Some(o) = self.member_mut(r.slot, r.id) {
@@ -500,8 +525,8 @@ impl Supervisor {
                 self.disconnect_slot(slot, self.cfg.graceful_timeout, now);
             } else {
                 let at = after(now, self.cfg.fast_timeout);
+                self.set_leaving(slot);
                 if let Some(m) = self.members[slot].as_mut() {
-                    m.leaving = true;
                     m.kill_at = Some((at, Signal::KILL));
                 }
                 self.out.push_back(Action::Retire { slot });
@@ -605,17 +630,20 @@ impl Supervisor {
             .filter(|m| m.id == id)
     }
 
-    /// Workers that count towards the wanted number: connected and not asked to leave, and
-    /// the forks under way. A reaped worker counts until its `Exit` is reported, so that its
-    /// respawn (and backoff) is decided once, in order.
+    /// Workers that count towards the wanted number: those not asked to leave, and the forks
+    /// under way. A worker counts until its `Exit` is reported (also after its channel
+    /// closed), so that its respawn (and backoff) is decided once, in order, when it is gone.
     fn active(&self) -> usize {
-        self.forking
-            + self
-                .members
-                .iter()
-                .flatten()
-                .filter(|m| !m.leaving && m.connected)
-                .count()
+        self.forking + self.staying
+    }
+
+    fn set_leaving(&mut self, slot: usize) {
+        if let Some(m) = self.members.get_mut(slot).and_then(Option::as_mut) {
+            if !m.leaving {
+                m.leaving = true;
+                self.staying -= 1;
+            }
+        }
     }
 
     fn fork(&mut self, replaces: Option<Replace>) {
@@ -674,10 +702,10 @@ impl Supervisor {
 
     fn disconnect_slot(&mut self, slot: usize, timeout: Duration, now: Instant) {
         let at = after(now, timeout);
+        self.set_leaving(slot);
         let Some(m) = self.members.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        m.leaving = true;
         if m.kill_at.map_or(true, |(t, _)| t > at) {
             m.kill_at = Some((at, Signal::KILL));
         }

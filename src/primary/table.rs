@@ -74,6 +74,10 @@ pub(crate) struct W {
     pub(crate) dispatched: u64,
     /// Recycle it after this many connections.
     pub(crate) max_conns: u64,
+    /// What it announced so far (see `protocol::judge`).
+    pub(crate) announced: u32,
+    /// It closed its channel itself while alive (disconnecting).
+    pub(crate) closed_itself: bool,
 }
 
 impl W {
@@ -218,6 +222,11 @@ impl Table {
     /// The slot of the worker with this id.
     pub(crate) fn find(&self, id: u32) -> Option<usize> {
         self.by_id.get(id).map(|s| s as usize)
+    }
+
+    /// The slot of the worker with this pid.
+    pub(crate) fn find_pid(&self, pid: u32) -> Option<usize> {
+        self.by_pid.get(pid).map(|s| s as usize)
     }
 
     /// Every live worker, with its slot.
