@@ -307,10 +307,16 @@ impl Primary {
             self.dispatch.rearm_at = None;
             self.rearm();
         }
-        let board = &self.board;
+        let (board, table) = (&self.board, &self.table);
+        let watch_queues = self.settings.sup.hang_timeout.is_some();
         self.sup.tick(now, |slot| Probe {
             beat: board.beat(slot),
             conns: board.conns(slot),
+            queued: watch_queues
+                && table
+                    .get(slot)
+                    .and_then(|w| w.peer.as_ref())
+                    .is_some_and(|p| rustix::io::ioctl_fionread(p).is_ok_and(|n| n > 0)),
         });
         self.apply();
         self.board.fold_all(self.table.len());

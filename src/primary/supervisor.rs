@@ -106,6 +106,8 @@ struct Member {
     replaced: bool,
     beat: u32,
     beat_seen: Instant,
+    /// Since when frames have waited in its queue while its heartbeat did not move.
+    queued_since: Option<Instant>,
     hung: bool,
     max_conns: u64,
 }
@@ -117,6 +119,9 @@ pub(crate) struct Probe {
     pub(crate) beat: u32,
     /// Connections it accepted itself (shared schedule).
     pub(crate) conns: u64,
+    /// Frames wait in its queue (hand-offs it has not received): read only with a
+    /// `hang_timeout`.
+    pub(crate) queued: bool,
 }
 
 /// The policy and its state.
@@ -212,6 +217,7 @@ impl Supervisor {
                 replaced: false,
                 beat: 0,
                 beat_seen: now,
+                queued_since: None,
                 hung: false,
                 max_conns,
             });
@@ -411,13 +417,20 @@ impl Supervisor {
             if p.beat != m.beat {
                 m.beat = p.beat;
                 m.beat_seen = now;
+                m.queued_since = None;
             } else if let Some(limit) = hang {
+                // Busy without progress; or "idle" while hand-offs wait in its queue (a
+                // stopped or wedged worker whose last beat said idle).
                 let busy = p.beat & 1 == 0;
-                if busy
-                    && !m.hung
-                    && m.reaped_at.is_none()
-                    && now.saturating_duration_since(m.beat_seen) > limit
-                {
+                let waiting = if p.queued {
+                    *m.queued_since.get_or_insert(now)
+                } else {
+                    m.queued_since = None;
+                    now
+                };
+                let stuck = (busy && now.saturating_duration_since(m.beat_seen) > limit)
+                    || now.saturating_duration_since(waiting) > limit;
+                if stuck && !m.hung && m.reaped_at.is_none() {
                     m.hung = true;
                     hung = true;
                     m.kill_at = Some((now + GRACE, Signal::KILL));

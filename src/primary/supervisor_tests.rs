@@ -307,6 +307,7 @@ fn a_busy_worker_whose_heartbeat_stops_is_hung_an_idle_one_never() {
     let probe = |slot: usize| Probe {
         beat: if slot == busy { 8 } else { 9 },
         conns: 0,
+        queued: false,
     };
     assert!(s.tick(100, probe).is_empty());
     assert!(s.tick(1100, probe).is_empty(), "not yet past the limit");
@@ -436,4 +437,33 @@ fn signals_scale_and_stop() {
     assert!(!s.sup.running());
     s.sup.on_signal(libc::SIGTTIN, s.at(4));
     assert!(s.run(4).is_empty(), "no scaling while stopping");
+}
+
+#[test]
+fn an_idle_looking_worker_with_hand_offs_waiting_too_long_is_hung() {
+    let cfg = Supervision {
+        hang_timeout: Some(MS * 1000),
+        ..Supervision::default()
+    };
+    let mut s = Sim::new(cfg, 1);
+    let idle = |queued| {
+        move |_| Probe {
+            beat: 9,
+            conns: 0,
+            queued,
+        }
+    };
+    assert!(s.tick(100, idle(false)).is_empty());
+    // Frames wait from 5 s on; the heartbeat still says "idle, waiting".
+    assert!(s.tick(5000, idle(true)).is_empty());
+    assert!(
+        s.tick(6000, idle(true)).is_empty(),
+        "not yet past the limit"
+    );
+    // The queue drained in between: the clock starts again.
+    assert!(s.tick(6100, idle(false)).is_empty());
+    assert!(s.tick(6200, idle(true)).is_empty());
+    assert!(s.tick(7200, idle(true)).is_empty());
+    let a = s.tick(7201, idle(true));
+    assert!(a.contains(&Action::Event(Ev::Hung(1))), "{a:?}");
 }
