@@ -181,6 +181,8 @@ pub struct Worker {
     closed: bool,
     next_listener: usize,
     page: Own,
+    /// A spare fd, so that a frame's fds always have room (see `step`).
+    reserve: Option<OwnedFd>,
 }
 
 /// What the primary hands a new worker (in the child, after fork).
@@ -255,6 +257,7 @@ impl Worker {
             closed: false,
             next_listener: 0,
             page: Own::new(init.board, init.slot),
+            reserve: None,
         };
         w.send_frame(&Frame::new(Kind::Online, 0, &[]), &[])?;
         Ok(w)
@@ -487,10 +490,19 @@ impl Worker {
             }
             // Take what is needed out of the frame so that the borrow of the buffer ends here;
             // a message's payload is borrowed again from the buffer when it is returned.
+            // A hand-off must never be lost to EMFILE: the kernel drops an fd it cannot install
+            // (MSG_CTRUNC). So a frame is read only with a spare fd in hand, closed just before
+            // the read; when no spare can be made (out of fds), the frame stays queued and
+            // `next` fails with EMFILE: the application frees fds and calls it again.
+            if self.reserve.is_none() {
+                self.reserve = Some(self.spare()?);
+            }
+            self.reserve = None;
             let got = self
                 .chan
                 .try_recv(&mut self.rbuf)
                 .map(|r| r.map(Received::take));
+            self.reserve = self.spare().ok();
             match got {
                 Ok(Some(Taken {
                     kind,
@@ -542,6 +554,12 @@ impl Worker {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A spare fd: an eventfd, which needs no file system and is never mistaken for the
+    /// channel.
+    fn spare(&self) -> Result<OwnedFd> {
+        rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).call("eventfd")
     }
 
     fn wait_readable(&mut self) -> Result<()> {

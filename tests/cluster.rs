@@ -1434,7 +1434,18 @@ fn worker_fds_and_signal_state() {
             );
             match schedule {
                 Schedule::RoundRobin => {
-                    assert_eq!(extra.len(), 1, "worker {id}: only its channel: {extra:?}");
+                    // Its channel, and the spare fd (an eventfd) that a hand-off's fd always
+                    // has room to land in (issue 9: no connection lost to EMFILE).
+                    assert_eq!(
+                        extra.len(),
+                        2,
+                        "worker {id}: its channel and spare: {extra:?}"
+                    );
+                    assert_eq!(
+                        targets.iter().filter(|t| t.contains("[eventfd]")).count(),
+                        1,
+                        "worker {id}: its spare fd: {extra:?}"
+                    );
                 }
                 _ => {
                     assert!(
@@ -1452,9 +1463,14 @@ fn worker_fds_and_signal_state() {
                         targets.iter().filter(|t| t.contains("timerfd")).count() <= 1,
                         "worker {id}: {extra:?}"
                     );
+                    assert!(
+                        targets.iter().filter(|t| t.contains("[eventfd]")).count() <= 1,
+                        "worker {id}: at most its spare fd: {extra:?}"
+                    );
                     let others = targets.iter().filter(|t| {
                         !t.contains("eventpoll")
                             && !t.contains("timerfd")
+                            && !t.contains("[eventfd]")
                             && **t != listener_target
                             && **t != sockets[0]
                     });

@@ -43,6 +43,10 @@ pub(crate) struct Dispatch {
     accept_flags: SocketFlags,
     /// Slots that reached their connection limit (recycled by the supervisor).
     pub(crate) due: Vec<usize>,
+    /// Dead workers' ends of their channels, still holding connections to read back.
+    pub(crate) orphans: Vec<crate::channel::Channel>,
+    /// A spare fd, closed for a moment before each read of an orphaned queue.
+    pub(crate) reserve: Option<OwnedFd>,
 }
 
 impl Dispatch {
@@ -64,6 +68,8 @@ impl Dispatch {
                 SocketFlags::CLOEXEC
             },
             due: Vec::with_capacity(max_workers),
+            orphans: Vec::with_capacity(max_workers),
+            reserve: None,
         }
     }
 }
@@ -250,15 +256,31 @@ impl Primary {
         }
     }
 
-    /// A dead worker's connections that it never received: read them back from its end of the
-    /// channel and queue them for the other workers. Anything else queued for it is dropped.
+    /// A dead worker's connections that it never received: its end of the channel joins the
+    /// queues to read back, and the connections go to the other workers.
     pub(super) fn recover(&mut self, slot: usize) {
         self.unready(slot);
-        let Some(peer) = self.table.get_mut(slot).and_then(|w| w.peer.take()) else {
-            return;
-        };
-        loop {
-            match peer.try_recv(&mut self.rbuf) {
+        if let Some(peer) = self.table.get_mut(slot).and_then(|w| w.peer.take()) {
+            self.dispatch.orphans.push(peer);
+            self.drain_orphans();
+        }
+    }
+
+    /// Reads connections back from dead workers' queues into `pending`. Each frame is read
+    /// with the reserve fd closed first, so that its connection always has a free fd to land
+    /// in: at `EMFILE` the reserve cannot be made again, and reading stops (the rest waits in
+    /// the queue, nothing is truncated) until a tick finds fds free again.
+    pub(super) fn drain_orphans(&mut self) {
+        while let Some(peer) = self.dispatch.orphans.last() {
+            if self.dispatch.reserve.is_none() {
+                match self.make_reserve() {
+                    Some(r) => self.dispatch.reserve = Some(r),
+                    None => return,
+                }
+            }
+            self.dispatch.reserve = None;
+            let got = peer.try_recv(&mut self.rbuf);
+            let done = match got {
                 Ok(Some(mut r)) => {
                     if r.frame.kind() == Kind::Connection {
                         if let Some(fd) = r.fds.pop() {
@@ -268,12 +290,24 @@ impl Primary {
                             self.events.stats.recovered += 1;
                         }
                     }
+                    false
                 }
-                Ok(None) | Err(Error::Closed) => break,
-                // Our own frames always decode; anything else is skipped.
-                Err(_) => continue,
+                Ok(None) | Err(Error::Closed) => true,
+                // Our own frames always decode; anything else (a message to the dead worker
+                // whose fds did not fit) is dropped.
+                Err(_) => false,
+            };
+            if done {
+                self.dispatch.orphans.pop();
             }
+            self.dispatch.reserve = self.make_reserve();
         }
+    }
+
+    /// A spare fd (a duplicate of the epoll fd), `None` at `EMFILE`.
+    pub(super) fn make_reserve(&self) -> Option<OwnedFd> {
+        let ep = self.epoll.as_ref()?;
+        rustix::io::fcntl_dupfd_cloexec(ep, 0).ok()
     }
 
     /// The cluster stops accepting: what the kernel already accepted is taken and handed out,

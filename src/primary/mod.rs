@@ -184,6 +184,7 @@ impl Primary {
             chld_was_ignored,
             settings,
         };
+        p.dispatch.reserve = p.make_reserve();
         for _ in 0..n {
             p.spawn(&[], None, false)?;
         }
@@ -320,6 +321,7 @@ impl Primary {
         });
         self.apply();
         self.board.fold_all(self.table.len());
+        self.drain_orphans();
         self.drain_pending();
         self.schedule_tick(now);
     }
@@ -329,7 +331,9 @@ impl Primary {
     }
 
     fn schedule_tick(&mut self, now: Instant) {
-        let periodic = self.sup.needs_tick() || self.dispatch.rearm_at.is_some();
+        let periodic = self.sup.needs_tick()
+            || self.dispatch.rearm_at.is_some()
+            || !self.dispatch.orphans.is_empty();
         // The workers' 32-bit counters are folded into 64-bit totals at every tick, and ticks
         // come at least every FOLD_EVERY.
         self.tick_at = Some(now + if periodic { TICK } else { FOLD_EVERY });

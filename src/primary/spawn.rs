@@ -131,6 +131,8 @@ impl Primary {
             w.peer = None;
         }
         self.dispatch.pending.clear();
+        self.dispatch.orphans.clear();
+        self.dispatch.reserve = None;
         let shared = self.settings.schedule == Schedule::Shared;
         let listeners = core::mem::take(&mut self.dispatch.listeners)
             .into_iter()
