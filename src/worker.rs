@@ -257,7 +257,8 @@ impl Worker {
             closed: false,
             next_listener: 0,
             page: Own::new(init.board, init.slot),
-            reserve: None,
+            // Made now, so that the worker's fds are the same from its first frame on.
+            reserve: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).ok(),
         };
         w.send_frame(&Frame::new(Kind::Online, 0, &[]), &[])?;
         Ok(w)
