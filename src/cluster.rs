@@ -81,6 +81,7 @@ pub struct Builder {
     nonblocking: bool,
     backlog: i32,
     defer_accept: Option<u32>,
+    unix_mode: Option<u32>,
     env: Vec<(String, String)>,
     sup: Supervision,
 }
@@ -100,6 +101,7 @@ impl Cluster {
             nonblocking: false,
             backlog: 511,
             defer_accept: None,
+            unix_mode: None,
             env: Vec::new(),
             sup: Supervision::default(),
         }
@@ -113,7 +115,10 @@ impl Builder {
         self
     }
 
-    /// Listens on a Unix stream socket at `path` (removed again when the primary is dropped).
+    /// Listens on a Unix stream socket at `path`. A socket file left there by a crashed run
+    /// (nobody answers on it) is replaced; a live one is `EADDRINUSE`. The file is removed again
+    /// when the cluster stops or the primary is dropped, if it is still the one the cluster made.
+    /// Its mode is the umask's, or [`unix_mode`](Self::unix_mode).
     pub fn listen_unix(mut self, path: impl AsRef<Path>) -> Self {
         self.specs.push(Spec::Unix(path.as_ref().to_path_buf()));
         self
@@ -186,6 +191,20 @@ impl Builder {
     /// Not for protocols where the server speaks first (SMTP, SSH).
     pub fn defer_accept(mut self, secs: u32) -> Self {
         self.defer_accept = Some(secs);
+        self
+    }
+
+    /// The mode of the Unix socket files the cluster creates (for example `0o660`: owner and
+    /// group may connect; Node's `readableAll`/`writableAll` are `0o666`), exactly, whatever the
+    /// umask.
+    ///
+    /// ```no_run
+    /// let b = forkcluster::Cluster::builder()
+    ///     .listen_unix("/run/app.sock")
+    ///     .unix_mode(0o660);
+    /// ```
+    pub fn unix_mode(mut self, mode: u32) -> Self {
+        self.unix_mode = Some(mode & 0o7777);
         self
     }
 
@@ -303,16 +322,22 @@ impl Builder {
         }
         let mut listeners = Vec::with_capacity(self.specs.len());
         for spec in self.specs {
-            match listener::bind(spec, self.backlog, self.defer_accept) {
+            let opts = listener::BindOptions {
+                backlog: self.backlog,
+                defer_accept: self.defer_accept,
+                unix_mode: self.unix_mode,
+            };
+            match listener::bind(spec, opts) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     // The socket files this start created go with it.
-                    listener::unlink_all(&listeners);
+                    listener::unlink_all(&mut listeners);
                     return Err(e);
                 }
             }
         }
         let settings = Settings {
+            backlog: self.backlog,
             schedule: self.schedule,
             in_flight: self.in_flight,
             max_workers: self.max_workers,

@@ -4,8 +4,10 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Mode};
 
 use crate::error::{Call, Result};
 
@@ -40,11 +42,14 @@ pub(crate) enum Family {
 /// A bound, listening socket of the cluster.
 #[derive(Debug)]
 pub(crate) struct Listener {
-    pub(crate) fd: OwnedFd,
+    /// `None` once the cluster stopped accepting (new clients are refused at once).
+    pub(crate) fd: Option<OwnedFd>,
     pub(crate) family: Family,
     pub(crate) addr: ListenAddr,
-    /// A Unix path this cluster created and removes when the primary is dropped.
-    pub(crate) unlink: Option<PathBuf>,
+    /// A Unix path this cluster created and removes when the primary is dropped (or the
+    /// cluster stops): its device and inode, so that a file someone else put there since is
+    /// left alone.
+    pub(crate) unlink: Option<(PathBuf, u64, u64)>,
 }
 
 /// What the builder was asked to listen on.
@@ -65,21 +70,37 @@ impl Spec {
     }
 }
 
+/// How the cluster binds its sockets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BindOptions {
+    pub(crate) backlog: i32,
+    pub(crate) defer_accept: Option<u32>,
+    /// The mode of the Unix socket files the cluster creates (else the umask's).
+    pub(crate) unix_mode: Option<u32>,
+}
+
 /// Binds (unless the socket came bound), listens, and reads back the address.
-pub(crate) fn bind(spec: Spec, backlog: i32, defer_accept: Option<u32>) -> Result<Listener> {
+// `st_dev`/`st_ino` are not u64 on every target.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
     let (fd, family, unlink) = match spec {
         Spec::Tcp(addr) => (
             OwnedFd::from(TcpListener::bind(addr).call("bind")?),
             Family::Tcp,
             None,
         ),
-        Spec::Unix(path) => (
-            OwnedFd::from(UnixListener::bind(&path).call("bind")?),
-            Family::Unix,
-            Some(path),
-        ),
+        Spec::Unix(path) => {
+            let l = bind_unix(&path, opts.unix_mode)?;
+            let st = rustix::fs::stat(&path).call("stat")?;
+            (
+                OwnedFd::from(l),
+                Family::Unix,
+                Some((path, st.st_dev as u64, st.st_ino as u64)),
+            )
+        }
         Spec::Bound(fd, family) => (fd, family, None),
     };
+    let (backlog, defer_accept) = (opts.backlog, opts.defer_accept);
     rustix::net::listen(&fd, backlog).call("listen")?;
     // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
     // the shared schedule the workers race for each connection.
@@ -89,19 +110,66 @@ pub(crate) fn bind(spec: Spec, backlog: i32, defer_accept: Option<u32>) -> Resul
     }
     let addr = local_addr(fd.as_fd(), family)?;
     Ok(Listener {
-        fd,
+        fd: Some(fd),
         family,
         addr,
         unlink,
     })
 }
 
-/// Removes the socket files these listeners created.
-pub(crate) fn unlink_all(listeners: &[Listener]) {
-    for l in listeners {
-        if let Some(p) = &l.unlink {
-            let _ = std::fs::remove_file(p);
+/// Binds a Unix stream socket at `path`. A socket file left there by a crashed run (nobody
+/// answers on it: `ECONNREFUSED`) is removed and the bind tried again, as nginx and systemd do;
+/// a live one is `EADDRINUSE`, and anything that is not a socket is left alone. With `mode`,
+/// the file gets exactly that mode, whatever the umask (set around the bind, so the file never
+/// exists with a wider one).
+fn bind_unix(path: &Path, mode: Option<u32>) -> Result<UnixListener> {
+    let attempt = || {
+        let old = mode.map(|m| rustix::process::umask(Mode::from_bits_truncate(!m & 0o777)));
+        let r = UnixListener::bind(path);
+        if let Some(old) = old {
+            rustix::process::umask(old);
         }
+        r
+    };
+    let l = match attempt() {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+            let _ = std::fs::remove_file(path);
+            attempt().call("bind")?
+        }
+        r => r.call("bind")?,
+    };
+    if let Some(m) = mode {
+        rustix::fs::chmod(path, Mode::from_bits_truncate(m)).call("chmod")?;
+    }
+    Ok(l)
+}
+
+/// A socket file on which nobody listens.
+fn is_stale_socket(path: &Path) -> bool {
+    let is_socket = rustix::fs::stat(path)
+        .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Socket);
+    is_socket
+        && matches!(
+            UnixStream::connect(path),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+}
+
+/// Removes a socket file this cluster created, if it is still the one it created.
+// `st_dev`/`st_ino` are not u64 on every target.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn unlink(l: &mut Listener) {
+    if let Some((p, dev, ino)) = l.unlink.take() {
+        if rustix::fs::stat(&p).is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == ino) {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Removes the socket files these listeners created (those still theirs).
+pub(crate) fn unlink_all(listeners: &mut [Listener]) {
+    for l in listeners {
+        unlink(l);
     }
 }
 

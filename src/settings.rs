@@ -58,6 +58,7 @@ impl Default for Supervision {
 
 /// Everything the builder decided, handed to the primary.
 pub(crate) struct Settings {
+    pub(crate) backlog: i32,
     pub(crate) schedule: Schedule,
     pub(crate) in_flight: usize,
     pub(crate) max_workers: usize,

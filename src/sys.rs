@@ -140,6 +140,8 @@ pub(crate) fn exit_now(code: i32) -> ! {
 pub(crate) struct SignalSet {
     set: libc::sigset_t,
     old: libc::sigset_t,
+    /// `old` holds the mask from before `block_and_open`.
+    blocked: bool,
 }
 
 impl SignalSet {
@@ -156,6 +158,7 @@ impl SignalSet {
             SignalSet {
                 set,
                 old: core::mem::zeroed(),
+                blocked: false,
             }
         }
     }
@@ -171,6 +174,7 @@ impl SignalSet {
                 rustix::io::Errno::from_raw_os_error(errno()),
             ));
         }
+        self.blocked = true;
         // SAFETY: -1 asks for a new fd; the mask pointer is valid for the call.
         let fd = unsafe { libc::signalfd(-1, &self.set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
         if fd < 0 {
@@ -185,9 +189,13 @@ impl SignalSet {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// Restores the mask that was in force before [`block_and_open`](Self::block_and_open).
-    pub(crate) fn restore(&self) {
-        // SAFETY: `old` is a valid `sigset_t` (zeroed or filled by sigprocmask).
+    /// Restores the mask that was in force before [`block_and_open`](Self::block_and_open)
+    /// (nothing if it never blocked).
+    pub(crate) fn restore(&mut self) {
+        if !core::mem::take(&mut self.blocked) {
+            return;
+        }
+        // SAFETY: `old` is a valid `sigset_t`, filled by sigprocmask.
         unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.old, core::ptr::null_mut()) };
     }
 }

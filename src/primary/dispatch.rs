@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use arrayvec::ArrayVec;
 use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
@@ -20,7 +21,7 @@ use super::table::{watch, State, TAG_LISTENER};
 use super::Primary;
 use crate::error::Error;
 use crate::frame::{Frame, Kind};
-use crate::listener::Listener;
+use crate::listener::{self, Family, Listener};
 use crate::settings::Schedule;
 
 /// Accepted connections the primary queues while no worker can take one; past this it stops
@@ -47,6 +48,10 @@ pub(crate) struct Dispatch {
     pub(crate) orphans: Vec<crate::channel::Channel>,
     /// A spare fd, closed for a moment before each read of an orphaned queue.
     pub(crate) reserve: Option<OwnedFd>,
+    /// `Disconnect`s held back behind accepted connections (stopping).
+    pub(crate) held: usize,
+    /// The listen backlog (for a listener that has to listen again).
+    backlog: i32,
 }
 
 impl Dispatch {
@@ -55,6 +60,7 @@ impl Dispatch {
         max_workers: usize,
         in_flight: usize,
         nonblocking: bool,
+        backlog: i32,
     ) -> Dispatch {
         Dispatch {
             listeners,
@@ -70,6 +76,8 @@ impl Dispatch {
             due: Vec::with_capacity(max_workers),
             orphans: Vec::with_capacity(max_workers),
             reserve: None,
+            held: 0,
+            backlog,
         }
     }
 }
@@ -86,7 +94,10 @@ impl Primary {
                 return;
             }
             let d = &self.dispatch;
-            match rustix::net::accept_with(&d.listeners[i].fd, d.accept_flags) {
+            let Some(lfd) = d.listeners[i].fd.as_ref() else {
+                return;
+            };
+            match rustix::net::accept_with(lfd, d.accept_flags) {
                 Ok(fd) => {
                     if self.dispatch.pending.is_empty() {
                         if let Err(back) = self.dispatch(fd, i as u16) {
@@ -113,10 +124,11 @@ impl Primary {
         if self.dispatch.armed {
             self.dispatch.armed = false;
             if let Some(ep) = &self.epoll {
-                for l in &self.dispatch.listeners {
+                for l in self.dispatch.listeners.iter() {
+                    let Some(fd) = &l.fd else { continue };
                     let _ = epoll::modify(
                         ep,
-                        &l.fd,
+                        fd,
                         epoll::EventData::new_u64(0),
                         epoll::EventFlags::empty(),
                     );
@@ -145,9 +157,10 @@ impl Primary {
         self.dispatch.rearm_at = None;
         let Some(ep) = &self.epoll else { return };
         for (i, l) in self.dispatch.listeners.iter().enumerate() {
+            let Some(fd) = &l.fd else { continue };
             let _ = epoll::modify(
                 ep,
-                &l.fd,
+                fd,
                 epoll::EventData::new_u64(TAG_LISTENER | i as u64),
                 epoll::EventFlags::IN,
             );
@@ -174,7 +187,7 @@ impl Primary {
                     if w.dispatched == w.max_conns {
                         self.dispatch.due.push(slot);
                     }
-                    if w.state == State::Listening && !w.leaving {
+                    if w.state == State::Listening && (!w.leaving || w.disconnect_pending) {
                         w.in_ready = true;
                         self.dispatch.ready.push(slot, gen);
                     }
@@ -200,7 +213,8 @@ impl Primary {
         if !w.blocked {
             return;
         }
-        if w.disconnect_pending {
+        let hold = !self.sup.running() && !self.dispatch.pending.is_empty();
+        if w.disconnect_pending && !hold {
             let Some(chan) = &w.chan else { return };
             match chan.try_send(&Frame::new(Kind::Disconnect, 0, &[]), &[]) {
                 Err(e) if e.is_would_block() => return,
@@ -224,6 +238,10 @@ impl Primary {
             }
         }
         let d = &self.dispatch;
+        if d.held > 0 && d.pending.is_empty() {
+            self.flush_disconnects();
+        }
+        let d = &self.dispatch;
         if !d.armed && d.rearm_at.is_none() && d.pending.len() < PENDING_MAX / 2 {
             self.rearm();
         }
@@ -236,7 +254,7 @@ impl Primary {
             if !w.in_ready
                 && !w.blocked
                 && w.state == State::Listening
-                && !w.leaving
+                && (!w.leaving || w.disconnect_pending)
                 && w.status.is_none()
                 && w.chan.is_some()
             {
@@ -310,48 +328,91 @@ impl Primary {
         rustix::io::fcntl_dupfd_cloexec(ep, 0).ok()
     }
 
-    /// The cluster stops accepting: what the kernel already accepted is taken and handed out,
-    /// so that nothing in the backlog is reset, and the listeners leave epoll.
+    /// The cluster stops accepting: what the kernel already accepted is taken (up to
+    /// [`PENDING_MAX`] per listener: a connect flood cannot hold the stop up) and handed out as
+    /// workers have room, so that nothing in the backlog is reset; the listeners are closed, so
+    /// new clients are refused at once. While accepted connections wait, the `Disconnect` of a
+    /// stopping worker waits behind them (see `send_disconnect`), and every one is answered by
+    /// a worker that reads its queue before its graceful timeout.
     pub(super) fn close_listeners(&mut self) {
-        if self.settings.schedule == Schedule::RoundRobin && self.dispatch.armed {
+        if self.settings.schedule == Schedule::RoundRobin {
             let d = &mut self.dispatch;
             for i in 0..d.listeners.len() {
-                while let Ok(fd) = rustix::net::accept_with(&d.listeners[i].fd, d.accept_flags) {
-                    d.pending.push_back((fd, i as u16));
-                }
-            }
-            self.drain_pending();
-        }
-        self.dispatch.armed = false;
-        if let Some(ep) = &self.epoll {
-            for l in &self.dispatch.listeners {
-                let _ = epoll::delete(ep, &l.fd);
-            }
-        }
-        // Connections accepted before the stop that no worker could take yet (every queue at
-        // its bound) are handed out past the bound: they were accepted, so they are answered.
-        // A worker whose queue stays full for a second does not get them.
-        let until = Instant::now() + Duration::from_secs(1);
-        'conns: while let Some((fd, li)) = self.dispatch.pending.pop_front() {
-            let idx = li.to_le_bytes();
-            loop {
-                for (_, w) in self.table.iter() {
-                    let Some(chan) = w.chan.as_ref().filter(|_| w.state == State::Listening) else {
-                        continue;
-                    };
-                    if chan
-                        .try_send(&Frame::new(Kind::Connection, 0, &idx), &[fd.as_fd()])
-                        .is_ok()
-                    {
-                        continue 'conns;
+                let Some(lfd) = d.listeners[i].fd.as_ref() else {
+                    continue;
+                };
+                for _ in 0..PENDING_MAX {
+                    match rustix::net::accept_with(lfd, d.accept_flags) {
+                        Ok(fd) => d.pending.push_back((fd, i as u16)),
+                        Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+                        Err(_) => break,
                     }
                 }
-                if Instant::now() >= until {
-                    break 'conns;
-                }
-                std::thread::sleep(Duration::from_millis(5));
             }
         }
-        self.dispatch.pending.clear();
+        self.dispatch.armed = false;
+        self.dispatch.rearm_at = None;
+        if let Some(ep) = &self.epoll {
+            for l in &self.dispatch.listeners {
+                if let Some(fd) = &l.fd {
+                    let _ = epoll::delete(ep, fd);
+                }
+            }
+        }
+        // Closed: new clients are refused at once, and the port or path is free for a new
+        // cluster. (In the shared schedule the workers hold the socket until they disconnect.)
+        for l in self.dispatch.listeners.iter_mut() {
+            l.fd = None;
+            listener::unlink(l);
+        }
+        self.drain_pending();
+    }
+
+    /// Shared schedule: a worker can `shutdown(SHUT_RD)` the listener every worker shares,
+    /// which makes a TCP socket stop listening for all of them. At each tick the primary checks
+    /// its copy (`SO_ACCEPTCONN`) and has it listen again. (A Unix socket shut down this way
+    /// keeps refusing connections until the cluster restarts: Linux has no way back for it.)
+    pub(super) fn check_listeners(&mut self) {
+        if self.settings.schedule != Schedule::Shared || !self.sup.running() {
+            return;
+        }
+        for l in &self.dispatch.listeners {
+            let Some(fd) = &l.fd else { continue };
+            if l.family == Family::Tcp
+                && !rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(true)
+                && rustix::net::listen(fd, self.dispatch.backlog).is_ok()
+            {
+                self.events.stats.listeners_restored += 1;
+            }
+        }
+    }
+
+    /// While the cluster stops, a worker's `Disconnect` waits until no accepted connection
+    /// does: such a worker still takes them.
+    pub(super) fn hold_disconnect(&self) -> bool {
+        !self.sup.running() && !self.dispatch.pending.is_empty()
+    }
+
+    /// Sends the `Disconnect`s that waited for the accepted connections to be handed out.
+    fn flush_disconnects(&mut self) {
+        self.dispatch.held = 0;
+        let mut slots: ArrayVec<usize, 64> = ArrayVec::new();
+        loop {
+            slots.clear();
+            for (slot, w) in self.table.iter() {
+                if w.disconnect_pending && !w.blocked && slots.try_push(slot).is_err() {
+                    break;
+                }
+            }
+            if slots.is_empty() {
+                return;
+            }
+            for &slot in &slots {
+                if let Some(w) = self.table.get_mut(slot) {
+                    w.disconnect_pending = false;
+                }
+                self.send_disconnect(slot);
+            }
+        }
     }
 }

@@ -183,6 +183,19 @@ impl Primary {
     /// Carries out the supervisor's `Disconnect`: no more work, and a `Disconnect` frame (after
     /// what is queued, if the queue is full; SIGTERM if the channel is broken).
     pub(super) fn send_disconnect(&mut self, slot: usize) {
+        if self.hold_disconnect() {
+            // Stopping, and accepted connections still wait: this worker takes its share of
+            // them first; the `Disconnect` follows once none waits.
+            if let Some(w) = self.table.get_mut(slot) {
+                if w.chan.is_some() && !w.disconnect_pending {
+                    w.leaving = true;
+                    w.disconnect_pending = true;
+                    self.dispatch.held += 1;
+                    self.make_ready(slot);
+                    return;
+                }
+            }
+        }
         self.retire(slot);
         let gen = self.table.gen(slot);
         self.seq = self.seq.wrapping_add(1);

@@ -50,6 +50,8 @@ use supervisor::{Action, Probe, Supervisor, TICK};
 use table::{Table, TAG_LISTENER, TAG_MASK, TAG_SIGNAL, TAG_WORKER};
 
 const EPOLL_EVENTS: usize = 64;
+/// Shared schedule: how often the primary checks that the shared listeners still listen.
+const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The largest worker table: the slot field of a worker's epoll token has 24 bits.
 pub(crate) const MAX_WORKERS: usize = table::MAX_SLOTS;
@@ -93,11 +95,23 @@ pub struct Primary {
 impl Primary {
     pub(crate) fn start(
         settings: Settings,
-        listeners: Vec<Listener>,
+        mut listeners: Vec<Listener>,
         n: usize,
         worker_fn: WorkerFn,
     ) -> Result<Primary> {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
+        // What can fail without side effects comes first; a failure removes the socket files
+        // this start created.
+        let max = settings.max_workers;
+        let made = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .call("epoll_create1")
+            .and_then(|ep| Ok((ep, Board::new(max)?)));
+        let (epoll, board) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                listener::unlink_all(&mut listeners);
+                return Err(e);
+            }
+        };
         let mut sigs: ArrayVec<i32, 8> = ArrayVec::new();
         sigs.push(libc::SIGCHLD);
         if settings.sup.signals {
@@ -116,31 +130,6 @@ impl Primary {
                 ignored.push(s);
             }
         }
-        // With SIGCHLD ignored the kernel reaps children itself and no exit would be seen:
-        // the default disposition while the primary runs, the old one back when it is dropped.
-        let chld_was_ignored = sys::set_default(libc::SIGCHLD);
-        let mut sigset = SignalSet::new(&sigs);
-        let sigfd = sigset.block_and_open()?;
-        epoll::add(
-            &epoll,
-            &sigfd,
-            epoll::EventData::new_u64(TAG_SIGNAL),
-            epoll::EventFlags::IN,
-        )
-        .call("epoll_ctl")?;
-        if settings.schedule == Schedule::RoundRobin {
-            for (i, l) in listeners.iter().enumerate() {
-                epoll::add(
-                    &epoll,
-                    &l.fd,
-                    epoll::EventData::new_u64(TAG_LISTENER | i as u64),
-                    epoll::EventFlags::IN,
-                )
-                .call("epoll_ctl")?;
-            }
-        }
-        let max = settings.max_workers;
-        let board = Rc::new(Board::new(max)?);
         let me = rustix::process::getpid();
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -153,14 +142,22 @@ impl Primary {
             max,
             seed,
         );
+        // From here on, whatever fails drops the `Primary`, which restores the signal mask and
+        // SIGCHLD's disposition, removes the socket files and kills what was forked.
         let mut p = Primary {
             epoll: Some(epoll),
-            sigfd: Some(sigfd),
-            sigset,
+            sigfd: None,
+            sigset: SignalSet::new(&sigs),
             ignored,
             me,
             table: Table::new(max),
-            dispatch: Dispatch::new(listeners, max, settings.in_flight, settings.nonblocking),
+            dispatch: Dispatch::new(
+                listeners,
+                max,
+                settings.in_flight,
+                settings.nonblocking,
+                settings.backlog,
+            ),
             sup,
             events: Events::with_capacity(8 * max + 64),
             evbuf: Box::new(
@@ -173,7 +170,7 @@ impl Primary {
             ev_len: 0,
             rbuf: Box::new(RecvBuf::new()),
             worker_fn,
-            board,
+            board: Rc::new(board),
             alive: 0,
             tick_at: None,
             seq: 0,
@@ -181,9 +178,34 @@ impl Primary {
             again: false,
             reap_orphans: me.as_raw_nonzero().get() == 1
                 || rustix::process::child_subreaper().is_ok_and(|p| p.is_some()),
-            chld_was_ignored,
+            chld_was_ignored: false,
             settings,
         };
+        // With SIGCHLD ignored the kernel reaps children itself and no exit would be seen:
+        // the default disposition while the primary runs, the old one back when it is dropped.
+        p.chld_was_ignored = sys::set_default(libc::SIGCHLD);
+        let sigfd = p.sigset.block_and_open()?;
+        let ep = p.epoll.as_ref().ok_or(Error::Invalid("no epoll"))?;
+        epoll::add(
+            ep,
+            &sigfd,
+            epoll::EventData::new_u64(TAG_SIGNAL),
+            epoll::EventFlags::IN,
+        )
+        .call("epoll_ctl")?;
+        p.sigfd = Some(sigfd);
+        if p.settings.schedule == Schedule::RoundRobin {
+            for (i, l) in p.dispatch.listeners.iter().enumerate() {
+                let Some(fd) = &l.fd else { continue };
+                epoll::add(
+                    ep,
+                    fd,
+                    epoll::EventData::new_u64(TAG_LISTENER | i as u64),
+                    epoll::EventFlags::IN,
+                )
+                .call("epoll_ctl")?;
+            }
+        }
         p.dispatch.reserve = p.make_reserve();
         for _ in 0..n {
             p.spawn(&[], None, false)?;
@@ -321,6 +343,7 @@ impl Primary {
         });
         self.apply();
         self.board.fold_all(self.table.len());
+        self.check_listeners();
         self.drain_orphans();
         self.drain_pending();
         self.schedule_tick(now);
@@ -336,7 +359,14 @@ impl Primary {
             || !self.dispatch.orphans.is_empty();
         // The workers' 32-bit counters are folded into 64-bit totals at every tick, and ticks
         // come at least every FOLD_EVERY.
-        self.tick_at = Some(now + if periodic { TICK } else { FOLD_EVERY });
+        let every = if periodic {
+            TICK
+        } else if self.settings.schedule == Schedule::Shared {
+            LISTENER_CHECK
+        } else {
+            FOLD_EVERY
+        };
+        self.tick_at = Some(now + every);
     }
 }
 
@@ -361,7 +391,7 @@ impl Drop for Primary {
                 let _ = rustix::process::waitpid(Some(w.pid), WaitOptions::empty());
             }
         }
-        listener::unlink_all(&self.dispatch.listeners);
+        listener::unlink_all(&mut self.dispatch.listeners);
         self.sigfd = None;
         self.sigset.restore();
         if self.chld_was_ignored {

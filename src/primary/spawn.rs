@@ -143,7 +143,7 @@ impl Primary {
                     addr,
                     unlink: _,
                 } = l;
-                (if shared { Some(fd) } else { None }, family, addr)
+                (fd.filter(|_| shared), family, addr)
             })
             .collect::<Vec<(Option<OwnedFd>, Family, ListenAddr)>>();
         self.epoll = None;
