@@ -303,9 +303,7 @@ impl Builder {
             None => crate::sys::cpu_count(),
         };
         if self.max_workers == 0 || self.max_workers > crate::primary::MAX_WORKERS {
-            return Err(Error::Invalid(
-                "max_workers must be between 1 and 2^24 (the epoll token's slot field)",
-            ));
+            return Err(Error::Invalid("max_workers must be between 1 and 65536"));
         }
         if n == 0 || n > self.max_workers {
             return Err(Error::Invalid(

@@ -50,6 +50,8 @@ pub(crate) struct Dispatch {
     pub(crate) reserve: Option<OwnedFd>,
     /// `Disconnect`s held back behind accepted connections (stopping).
     pub(crate) held: usize,
+    /// Workers whose channel refused a hand-off with an error other than `EAGAIN`.
+    pub(crate) broken: ArrayVec<(usize, u32, Error), 8>,
     /// The listen backlog (for a listener that has to listen again).
     backlog: i32,
 }
@@ -66,7 +68,8 @@ impl Dispatch {
             listeners,
             armed: true,
             rearm_at: None,
-            pending: VecDeque::with_capacity(PENDING_MAX + max_workers * in_flight),
+            // Recovered connections may go past this (rarely: an allocation off the hot path).
+            pending: VecDeque::with_capacity((PENDING_MAX + max_workers * in_flight).min(1 << 16)),
             ready: Ready::new(max_workers),
             accept_flags: if nonblocking {
                 SocketFlags::CLOEXEC | SocketFlags::NONBLOCK
@@ -77,6 +80,7 @@ impl Dispatch {
             orphans: Vec::with_capacity(max_workers),
             reserve: None,
             held: 0,
+            broken: ArrayVec::new(),
             backlog,
         }
     }
@@ -169,10 +173,13 @@ impl Primary {
 
     /// Hands `fd` to the next ready worker; gives it back when none can take it.
     fn dispatch(&mut self, fd: OwnedFd, li: u16) -> core::result::Result<(), (OwnedFd, u16)> {
-        while let Some((slot, gen)) = self.dispatch.ready.pop() {
+        while let Some((slot, gen, stamp)) = self.dispatch.ready.pop() {
             let Some(w) = self.table.get_gen(slot, gen) else {
                 continue;
             };
+            if !w.in_ready || w.ready_stamp != stamp {
+                continue;
+            }
             w.in_ready = false;
             let Some(chan) = w.chan.as_ref() else {
                 continue;
@@ -188,8 +195,8 @@ impl Primary {
                         self.dispatch.due.push(slot);
                     }
                     if w.state == State::Listening && (!w.leaving || w.disconnect_pending) {
-                        w.in_ready = true;
-                        self.dispatch.ready.push(slot, gen);
+                        // Its own entry was just taken: there is room for it.
+                        w.in_ready = self.dispatch.ready.push(slot, gen, stamp);
                     }
                     return Ok(());
                 }
@@ -199,7 +206,12 @@ impl Primary {
                     w.blocked = true;
                     watch(self.epoll.as_ref(), chan, slot, gen, true);
                 }
-                Err(_) => {}
+                // Anything else (EPIPE: the worker shut its channel down for reading) means its
+                // channel cannot take hand-offs: a protocol error, handled after this dispatch.
+                Err(e) => {
+                    // (With the list full it stays out of the ready set, unreported.)
+                    let _ = self.dispatch.broken.try_push((slot, gen, e));
+                }
             }
         }
         Err((fd, li))
@@ -250,26 +262,41 @@ impl Primary {
     /// The worker in `slot` can take work (listening, not leaving, queue not full).
     pub(super) fn make_ready(&mut self, slot: usize) {
         let gen = self.table.gen(slot);
-        if let Some(w) = self.table.get_mut(slot) {
-            if !w.in_ready
-                && !w.blocked
-                && w.state == State::Listening
-                && (!w.leaving || w.disconnect_pending)
-                && w.status.is_none()
-                && w.chan.is_some()
-            {
-                w.in_ready = true;
-                self.dispatch.ready.push(slot, gen);
+        let Some(w) = self.table.get(slot) else {
+            return;
+        };
+        if w.in_ready
+            || w.blocked
+            || w.state != State::Listening
+            || (w.leaving && !w.disconnect_pending)
+            || w.status.is_some()
+            || w.chan.is_none()
+        {
+            return;
+        }
+        let stamp = w.ready_stamp;
+        if !self.dispatch.ready.push(slot, gen, stamp) {
+            let table = &self.table;
+            self.dispatch.ready.compact(|s, g, t| {
+                table
+                    .get(s)
+                    .is_some_and(|w| table.gen(s) == g && w.in_ready && w.ready_stamp == t)
+            });
+            if !self.dispatch.ready.push(slot, gen, stamp) {
+                return;
             }
+        }
+        if let Some(w) = self.table.get_mut(slot) {
+            w.in_ready = true;
         }
     }
 
-    /// No more work for the worker in `slot`.
+    /// No more work for the worker in `slot`: O(1), its entry in the ready ring goes stale.
     pub(super) fn unready(&mut self, slot: usize) {
         if let Some(w) = self.table.get_mut(slot) {
             if w.in_ready {
                 w.in_ready = false;
-                self.dispatch.ready.remove(slot);
+                w.ready_stamp = w.ready_stamp.wrapping_add(1);
             }
         }
     }

@@ -53,8 +53,11 @@ const EPOLL_EVENTS: usize = 64;
 /// Shared schedule: how often the primary checks that the shared listeners still listen.
 const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The largest worker table: the slot field of a worker's epoll token has 24 bits.
-pub(crate) const MAX_WORKERS: usize = table::MAX_SLOTS;
+/// The largest worker table. The slot field of a worker's epoll token has 24 bits, but the
+/// tables are made in full at start (about 200 bytes and one page of address space per slot),
+/// so the limit is lower.
+pub(crate) const MAX_WORKERS: usize = 1 << 16;
+const _: () = assert!(MAX_WORKERS <= table::MAX_SLOTS);
 
 /// The primary process's handle on the cluster: the worker table and the event loop.
 ///
@@ -218,6 +221,11 @@ impl Primary {
     /// then a new `epoll_wait` until the next tick or the caller's deadline.
     fn wait(&mut self, deadline: Option<Instant>) -> Result<Option<Event<'_>>> {
         loop {
+            while let Some((slot, gen, e)) = self.dispatch.broken.pop() {
+                if self.table.get_gen(slot, gen).is_some() {
+                    self.worker_error(slot, e);
+                }
+            }
             if !self.dispatch.due.is_empty() {
                 let mut due = core::mem::take(&mut self.dispatch.due);
                 for slot in due.drain(..) {
@@ -384,11 +392,24 @@ impl AsFd for Primary {
 
 impl Drop for Primary {
     fn drop(&mut self) {
-        // No orphans, no zombies: whatever is still alive is killed and reaped.
+        // No orphans, no zombies: whatever is still alive is killed and reaped, waiting two
+        // seconds at most (a process in uninterruptible sleep dies when it wakes; it is left
+        // to init then).
         for (_, w) in self.table.iter() {
             if w.status.is_none() {
                 let _ = rustix::process::kill_process(w.pid, Signal::KILL);
-                let _ = rustix::process::waitpid(Some(w.pid), WaitOptions::empty());
+            }
+        }
+        let until = Instant::now() + std::time::Duration::from_secs(2);
+        for (_, w) in self.table.iter() {
+            while w.status.is_none() {
+                match rustix::process::waitpid(Some(w.pid), WaitOptions::NOHANG) {
+                    Ok(None) if Instant::now() < until => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(Errno::INTR) => {}
+                    _ => break,
+                }
             }
         }
         listener::unlink_all(&mut self.dispatch.listeners);

@@ -5,12 +5,16 @@
 //! given goes back with `push` once the hand-off succeeded. Entries carry the slot's
 //! generation, so an entry for a worker that is gone is skipped by dispatch. Round-robin is a
 //! ring: the worker that took the last connection goes to the back.
+//!
+//! Removal is O(1): each entry carries the worker's ready stamp, and taking a worker out only
+//! moves its stamp on, so its entry is skipped when it comes up. Stale entries are dropped
+//! when the ring is full ([`Ready::compact`]), so the ring never grows past its capacity.
 
 use std::collections::VecDeque;
 
 /// The ready set of the round-robin schedule.
 pub(crate) struct Ready {
-    ring: VecDeque<(u32, u32)>,
+    ring: VecDeque<(u32, u32, u32)>,
 }
 
 impl Ready {
@@ -21,20 +25,26 @@ impl Ready {
         }
     }
 
-    /// The worker (slot, generation) can take work.
+    /// The worker (slot, generation, ready stamp) can take work. False when the ring is full
+    /// (of stale entries: [`compact`](Self::compact) it).
     #[inline]
-    pub(crate) fn push(&mut self, slot: usize, gen: u32) {
-        self.ring.push_back((slot as u32, gen));
+    pub(crate) fn push(&mut self, slot: usize, gen: u32, stamp: u32) -> bool {
+        if self.ring.len() == self.ring.capacity() {
+            return false;
+        }
+        self.ring.push_back((slot as u32, gen, stamp));
+        true
     }
 
-    /// The next worker to try.
+    /// The next worker to try: (slot, generation, stamp); the caller skips an entry whose
+    /// stamp is not the worker's current one.
     #[inline]
-    pub(crate) fn pop(&mut self) -> Option<(usize, u32)> {
-        self.ring.pop_front().map(|(s, g)| (s as usize, g))
+    pub(crate) fn pop(&mut self) -> Option<(usize, u32, u32)> {
+        self.ring.pop_front().map(|(s, g, t)| (s as usize, g, t))
     }
 
-    /// The worker in `slot` can take no more work.
-    pub(crate) fn remove(&mut self, slot: usize) {
-        self.ring.retain(|&(s, _)| s as usize != slot);
+    /// Drops the entries `live` says are stale.
+    pub(crate) fn compact(&mut self, mut live: impl FnMut(usize, u32, u32) -> bool) {
+        self.ring.retain(|&(s, g, t)| live(s as usize, g, t));
     }
 }

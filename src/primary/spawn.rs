@@ -85,6 +85,7 @@ impl Primary {
                         state: State::Forked,
                         peer: Some(theirs_dup),
                         in_ready: false,
+                        ready_stamp: 0,
                         blocked: false,
                         disconnect_pending: false,
                         leaving: false,

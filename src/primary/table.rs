@@ -60,8 +60,9 @@ pub(crate) struct W {
     /// it and hands them to another worker. Holding it also keeps the channel from reporting
     /// end of file: the primary learns of a worker's death from SIGCHLD.
     pub(crate) peer: Option<Channel>,
-    /// It is in the schedule's ready set.
+    /// It is in the schedule's ready set, with this stamp (moved on when it leaves the set).
     pub(crate) in_ready: bool,
+    pub(crate) ready_stamp: u32,
     /// Its queue is full (`EAGAIN`): it gets more when the channel is writable again.
     pub(crate) blocked: bool,
     /// A `Disconnect` waits for room in its queue.
