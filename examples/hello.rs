@@ -4,8 +4,12 @@
 //! ```text
 //! cargo run --release --example hello -- [--listen ADDR] [--workers N] [--schedule rr|shared]
 //!                                         [--max-requests N] [--hang-timeout SECS]
-//!                                         [--defer-accept SECS]
+//!                                         [--defer-accept SECS] [--systemd]
 //! ```
+//!
+//! `--systemd`: serve the sockets systemd passes (socket activation, `LISTEN_FDS`) instead of
+//! `--listen` (which stays the fallback when none is passed); under `Type=notify` the primary
+//! tells systemd `READY=1`, `RELOADING=1`, `STOPPING=1`, `STATUS=` and pings its watchdog.
 //!
 //! Defaults: `127.0.0.1:8080`, one worker per CPU, round-robin, max requests 1,000,000 (+10%
 //! jitter), hang timeout 30 s, deferred accept 5 s (`TCP_DEFER_ACCEPT`; 0 turns each off). Every lifecycle event is one
@@ -40,12 +44,13 @@ struct Opts {
     max_requests: u64,
     hang: u64,
     defer: u32,
+    systemd: bool,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd]"
     );
     std::process::exit(2)
 }
@@ -60,6 +65,7 @@ fn opts() -> Opts {
         max_requests: 1_000_000,
         hang: 30,
         defer: 5,
+        systemd: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -98,6 +104,7 @@ fn opts() -> Opts {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --hang-timeout"))
             }
+            "--systemd" => o.systemd = true,
             "-h" | "--help" => usage("help"),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -107,8 +114,15 @@ fn opts() -> Opts {
 
 fn main() -> Result<(), forkcluster::Error> {
     let o = opts();
-    let mut b = Cluster::builder()
-        .listen(o.listen)
+    let mut b = Cluster::builder();
+    if o.systemd {
+        b = b.systemd_listeners()?;
+    }
+    if b.listener_count() == 0 {
+        // Not socket-activated (or no --systemd): --listen.
+        b = b.listen(o.listen);
+    }
+    let mut b = b
         .schedule(o.schedule)
         .nonblocking_streams(true)
         .graceful_timeout(Duration::from_secs(10));
@@ -126,7 +140,9 @@ fn main() -> Result<(), forkcluster::Error> {
         b = b.hang_timeout(Duration::from_secs(o.hang));
     }
     let mut primary = b.start(serve)?;
-    eprintln!("primary {} serving on {}", std::process::id(), o.listen);
+    for addr in primary.listen_addrs() {
+        eprintln!("primary {} serving on {addr}", std::process::id());
+    }
     while let Some(event) = primary.next_event()? {
         if let Event::Message { .. } = event {
             continue;

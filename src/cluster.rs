@@ -82,6 +82,7 @@ pub struct Builder {
     backlog: i32,
     defer_accept: Option<u32>,
     unix_mode: Option<u32>,
+    sd_notify: bool,
     env: Vec<(String, String)>,
     sup: Supervision,
 }
@@ -102,6 +103,7 @@ impl Cluster {
             backlog: 511,
             defer_accept: None,
             unix_mode: None,
+            sd_notify: true,
             env: Vec::new(),
             sup: Supervision::default(),
         }
@@ -140,6 +142,17 @@ impl Builder {
     pub fn listener_fd(mut self, fd: OwnedFd) -> Self {
         self.specs.push(Spec::bound(fd));
         self
+    }
+
+    /// How many listeners the builder has so far (for example: did
+    /// [`systemd_listeners`](Self::systemd_listeners) adopt any?).
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().listen("127.0.0.1:0".parse().unwrap());
+    /// assert_eq!(b.listener_count(), 1);
+    /// ```
+    pub fn listener_count(&self) -> usize {
+        self.specs.len()
     }
 
     /// How many workers to fork (default: one per CPU this process may run on, from
@@ -205,6 +218,21 @@ impl Builder {
     /// ```
     pub fn unix_mode(mut self, mode: u32) -> Self {
         self.unix_mode = Some(mode & 0o7777);
+        self
+    }
+
+    /// Whether the primary speaks `sd_notify` when it runs under systemd with `Type=notify`
+    /// (default on; without `NOTIFY_SOCKET` nothing happens): `READY=1` once every wanted
+    /// worker is listening, `STATUS=` with the worker count, `RELOADING=1` during a rolling
+    /// restart and `READY=1` after it, `STOPPING=1`, and `WATCHDOG=1` at half of
+    /// `WATCHDOG_USEC` from the primary's loop, so that a wedged primary is restarted. The
+    /// variables are unset, so workers do not inherit them. See [`crate::systemd`].
+    ///
+    /// ```no_run
+    /// let b = forkcluster::Cluster::builder().sd_notify(false);
+    /// ```
+    pub fn sd_notify(mut self, yes: bool) -> Self {
+        self.sd_notify = yes;
         self
     }
 
@@ -343,7 +371,24 @@ impl Builder {
             env: self.env,
             sup: self.sup,
         };
-        Primary::start(settings, listeners, n, Box::new(move |w| worker(w).code()))
+        let sd = if self.sd_notify {
+            match crate::systemd::Notifier::from_env(true) {
+                Ok(n) => n.map(crate::systemd::Lifecycle::new),
+                Err(e) => {
+                    listener::unlink_all(&mut listeners);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        Primary::start(
+            settings,
+            listeners,
+            n,
+            Box::new(move |w| worker(w).code()),
+            sd,
+        )
     }
 }
 

@@ -48,6 +48,8 @@ fn main() {
         socket_activate_datagram_socket => 30,
         exec_with_a_pipe_or_an_unlistened_socket_as_fd_3 => 30,
         socket_activate_cluster_notifies_start_hup_term => 60,
+        hello_under_socket_activation_notifies_start_hup_term => 60,
+        hello_serves_two_activated_sockets => 30,
     ]);
 }
 
@@ -92,7 +94,8 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo test --test systemd` does not build examples: build `sd_listen` for this profile.
+/// `cargo test --test systemd` does not build examples: build `sd_listen` and `hello` for this
+/// profile.
 fn build_examples() {
     let dir = profile_dir();
     let profile = match dir.file_name().and_then(|n| n.to_str()) {
@@ -105,6 +108,8 @@ fn build_examples() {
             "--quiet",
             "--example",
             "sd_listen",
+            "--example",
+            "hello",
             "--profile",
             &profile,
         ])
@@ -118,7 +123,11 @@ fn build_examples() {
 }
 
 fn sd_listen() -> PathBuf {
-    profile_dir().join("examples").join("sd_listen")
+    example_path("sd_listen")
+}
+
+fn example_path(name: &str) -> PathBuf {
+    profile_dir().join("examples").join(name)
 }
 
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
@@ -250,7 +259,7 @@ fn in_child(f: impl FnOnce() -> i32) {
 
 /// Sends one GET and reads the whole response (the server closes after it).
 fn get(mut s: impl Read + Write) -> String {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    s.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .expect("send request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read response");
@@ -1044,6 +1053,48 @@ fn socket_activate_one_socket() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The main example with two named sockets (TCP and Unix): both are served by the cluster,
+/// and a graceful stop ends it with status 0.
+fn hello_serves_two_activated_sockets() {
+    if !have_socket_activate() {
+        return;
+    }
+    let dir = temp_dir("hello-two");
+    let upath = dir.join("admin.sock");
+    let prog = example_path("hello");
+    let up = upath.display().to_string();
+    let mut a = Activated::start(&dir, 1, |p| {
+        let mut v = args(&["-l"]);
+        v.push(format!("127.0.0.1:{}", p[0]));
+        v.push("--fdname=web".into());
+        v.extend(args(&["-l", &up, "--fdname=admin"]));
+        v.push(prog.display().to_string());
+        v.extend(args(&[
+            "--systemd",
+            "--workers",
+            "2",
+            "--defer-accept",
+            "0",
+        ]));
+        v
+    });
+    let port = a.ports[0];
+    assert!(get_tcp_body(port).starts_with("hello from worker "));
+    let u = UnixStream::connect(&upath).expect("connect admin");
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(body(&get(u)).starts_with("hello from worker "));
+    // SAFETY (test code): signalling the child we started.
+    unsafe { libc::kill(a.pid(), libc::SIGTERM) };
+    assert_eq!(a.wait(Duration::from_secs(15)), 0, "{}", a.stderr());
+    let err = a.stderr();
+    assert!(
+        err.contains(&format!("serving on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("serving on unix:{up}")), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn socket_activate_two_named_sockets() {
     if !have_socket_activate() {
         return;
@@ -1196,13 +1247,27 @@ fn collect_until(
 }
 
 fn socket_activate_cluster_notifies_start_hup_term() {
+    notifies_start_hup_term("cluster", sd_listen(), &["--cluster", "2"], |b| {
+        b.starts_with("hello from worker ") && b.ends_with(" env=clean\n")
+    });
+}
+
+/// The main example under socket activation: `hello --systemd`, whose primary sends the
+/// notifications itself (`Builder::sd_notify`, on by default).
+fn hello_under_socket_activation_notifies_start_hup_term() {
+    let hello = example_path("hello");
+    notifies_start_hup_term("hello", hello, &["--systemd", "--workers", "2"], |b| {
+        b.starts_with("hello from worker ")
+    });
+}
+
+fn notifies_start_hup_term(tag: &str, prog: PathBuf, prog_args: &[&str], good: fn(&str) -> bool) {
     if !have_socket_activate() {
         return;
     }
-    let dir = temp_dir("cluster");
+    let dir = temp_dir(tag);
     let npath = dir.join("notify");
     let sock = UnixDatagram::bind(&npath).expect("bind notify socket");
-    let prog = sd_listen();
     let notify = format!("NOTIFY_SOCKET={}", npath.display());
     let mut a = Activated::start(&dir, 1, |p| {
         let mut v = args(&["-l"]);
@@ -1210,17 +1275,14 @@ fn socket_activate_cluster_notifies_start_hup_term() {
         v.push("--fdname=web".into());
         v.extend(args(&["-E", &notify, "-E", "WATCHDOG_USEC=300000"]));
         v.push(prog.display().to_string());
-        v.extend(args(&["--cluster", "2"]));
+        v.extend(args(prog_args));
         v
     });
     let port = a.ports[0];
     let mut pings = 0;
 
     // Start: the first connection execs the program; it is served once workers listen.
-    let first = util::fork_child(move || {
-        let b = get_tcp_body(port);
-        i32::from(!(b.starts_with("hello from worker ") && b.ends_with(" env=clean\n")))
-    });
+    let first = util::fork_child(move || i32::from(!good(&get_tcp_body(port))));
     let start = collect_until(&sock, &mut pings, |m| m == "READY=1");
     assert_eq!(
         start.last().map(String::as_str),
@@ -1300,7 +1362,8 @@ fn socket_activate_cluster_notifies_start_hup_term() {
     }
     let err = a.stderr();
     assert!(
-        err.contains(&format!("listener 0: 127.0.0.1:{port}")),
+        err.contains(&format!("listener 0: 127.0.0.1:{port}"))
+            || err.contains(&format!("serving on 127.0.0.1:{port}")),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

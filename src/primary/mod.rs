@@ -39,6 +39,7 @@ use crate::heartbeat::{Board, FOLD_EVERY};
 use crate::listener::{self, Listener};
 use crate::settings::{Schedule, Settings};
 use crate::sys::{self, SignalSet};
+use crate::systemd::Lifecycle;
 use crate::worker::WorkerFn;
 
 pub use events::{ClusterStats, Event};
@@ -93,6 +94,10 @@ pub struct Primary {
     reap_orphans: bool,
     /// SIGCHLD was ignored when the cluster started (restored on drop).
     chld_was_ignored: bool,
+    /// systemd's notifications, when `NOTIFY_SOCKET` was set.
+    sd: Option<Lifecycle>,
+    /// A rolling restart was under way at the last `apply` (for `RELOADING=1`/`READY=1`).
+    was_restarting: bool,
 }
 
 impl Primary {
@@ -101,6 +106,7 @@ impl Primary {
         mut listeners: Vec<Listener>,
         n: usize,
         worker_fn: WorkerFn,
+        sd: Option<Lifecycle>,
     ) -> Result<Primary> {
         // What can fail without side effects comes first; a failure removes the socket files
         // this start created.
@@ -182,6 +188,8 @@ impl Primary {
             reap_orphans: me.as_raw_nonzero().get() == 1
                 || rustix::process::child_subreaper().is_ok_and(|p| p.is_some()),
             chld_was_ignored: false,
+            sd,
+            was_restarting: false,
             settings,
         };
         // With SIGCHLD ignored the kernel reaps children itself and no exit would be seen:
@@ -235,6 +243,9 @@ impl Primary {
                 self.apply();
             }
             if let Some(ev) = self.events.queue.pop_front() {
+                if self.sd.is_some() {
+                    self.notify_workers();
+                }
                 return Ok(Some(ev.public(&self.dispatch.listeners)));
             }
             if !self.sup.running() && self.alive == 0 {
@@ -276,6 +287,9 @@ impl Primary {
                 continue;
             }
             let now = Instant::now();
+            if let Some(sd) = self.sd.as_mut() {
+                sd.tick(now);
+            }
             if self.tick_at.is_some_and(|t| t <= now) {
                 self.on_tick(now);
                 continue;
@@ -283,10 +297,14 @@ impl Primary {
             if deadline.is_some_and(|d| d <= now) {
                 return Ok(Some(Event::Idle));
             }
-            let until = match (self.tick_at, deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let until = [
+                self.tick_at,
+                deadline,
+                self.sd.as_ref().and_then(|s| s.deadline()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = until.map(|t| {
                 let d = t.saturating_duration_since(now);
                 rustix::time::Timespec {
@@ -330,6 +348,37 @@ impl Primary {
                 Action::Event(ev) => self.events.push(ev),
                 Action::Wake(at) => self.arm_tick(at),
             }
+        }
+        if let Some(sd) = self.sd.as_mut() {
+            let restarting = self.sup.restarting();
+            if restarting && !self.was_restarting {
+                sd.reloading();
+            } else if !restarting && self.was_restarting {
+                sd.reloaded();
+            }
+            self.was_restarting = restarting;
+            if !self.sup.running() {
+                sd.stopping();
+            }
+        }
+    }
+
+    /// `STATUS=` (workers taking connections, workers wanted) when it changed, and `READY=1`
+    /// once they all do (after start and after a rolling restart). At lifecycle events only.
+    fn notify_workers(&mut self) {
+        let none = self.dispatch.listeners.is_empty();
+        let serving = self
+            .table
+            .iter()
+            .filter(|(_, w)| {
+                !w.leaving
+                    && (w.state == State::Listening
+                        || (none && w.announced & protocol::SAID_LOOPING != 0))
+            })
+            .count();
+        let wanted = self.sup.desired();
+        if let Some(sd) = self.sd.as_mut() {
+            sd.workers(serving, wanted);
         }
     }
 

@@ -125,6 +125,8 @@ impl Primary {
         // channel and unacknowledged connections, queued connections, and (round-robin) the
         // listeners.
         self.sigfd = None;
+        // The notify socket is the primary's.
+        self.sd = None;
         // Only this worker's counters stay mapped: it cannot write its siblings' heartbeats.
         self.board.keep_only(slot);
         for (_, w) in self.table.iter_mut() {

@@ -621,6 +621,11 @@ impl Supervisor {
         self.run == Run::Running
     }
 
+    /// Whether a rolling restart is under way.
+    pub(crate) fn restarting(&self) -> bool {
+        self.restart_active > 0 || !self.restart_queue.is_empty()
+    }
+
     /// When the worker in `slot` was forked and when its heartbeat last moved.
     pub(crate) fn times(&self, slot: usize) -> Option<(Instant, Instant)> {
         let m = self.members.get(slot)?.as_ref()?;
