@@ -105,7 +105,9 @@ fn reports(p: &mut Primary, n: usize, log: &mut Vec<E>) -> Reports {
                 out.insert(*id, (pids.get(id).copied().unwrap_or(0), parse(text)));
             }
             // (A worker the test killed has no code.)
-            E::Exit { id, code: Some(c) } => panic!("worker {id} exited with {c} before it reported"),
+            E::Exit { id, code: Some(c) } => {
+                panic!("worker {id} exited with {c} before it reported")
+            }
             _ => {}
         }
         if !matches!(e, E::Idle) {
@@ -305,8 +307,16 @@ fn workers_run_as_nobody_with_its_groups() {
     r.extend(more);
     assert_eq!(r.len(), 3, "{log:?}");
     for (id, (pid, rep)) in &r {
-        assert_eq!(rep["uid"], format!("{uid} {uid} {uid} {uid}"), "worker {id}");
-        assert_eq!(rep["gid"], format!("{gid} {gid} {gid} {gid}"), "worker {id}");
+        assert_eq!(
+            rep["uid"],
+            format!("{uid} {uid} {uid} {uid}"),
+            "worker {id}"
+        );
+        assert_eq!(
+            rep["gid"],
+            format!("{gid} {gid} {gid} {gid}"),
+            "worker {id}"
+        );
         assert_eq!(sorted_numbers(&rep["groups"]), groups, "worker {id}");
         assert_eq!(rep["capeff"], "0000000000000000", "worker {id}");
         // Not dumpable (the default once the ids change), and still dies with the primary.
@@ -337,7 +347,10 @@ fn no_supplementary_groups_and_no_new_privs() {
     let rep = &r[&1].1;
     assert_eq!(rep["uid"], format!("{uid} {uid} {uid} {uid}"));
     assert_eq!(rep["gid"], format!("{gid} {gid} {gid} {gid}"));
-    assert_eq!(rep["groups"], "", "no supplementary group, root's 0 gone too");
+    assert_eq!(
+        rep["groups"], "",
+        "no supplementary group, root's 0 gone too"
+    );
     assert_eq!(rep["nnp"], "1");
     assert_eq!(status("NoNewPrivs"), "0", "the primary is unchanged");
     finish(p);
@@ -380,7 +393,10 @@ fn attacks(target: i32, sibling: bool) -> String {
     line("ptrace_attach", outcome(attached));
     line("mem_read", try_open(&format!("/proc/{target}/mem"), false));
     line("mem_write", try_open(&format!("/proc/{target}/mem"), true));
-    line("environ", try_open(&format!("/proc/{target}/environ"), false));
+    line(
+        "environ",
+        try_open(&format!("/proc/{target}/environ"), false),
+    );
     line(
         "fd_dir",
         match std::fs::read_dir(format!("/proc/{target}/fd")) {
@@ -567,7 +583,10 @@ fn dumpable_workers_can_reach_their_siblings() {
     assert_eq!(rep["primary_kill_term"], "EPERM");
     if yama == "0" {
         assert_eq!(rep["sibling_mem_read"], "OK", "{rep:?}");
-        assert_eq!(rep["sibling_vm_read"], "EFAULT", "allowed, at a made-up address");
+        assert_eq!(
+            rep["sibling_vm_read"], "EFAULT",
+            "allowed, at a made-up address"
+        );
     } else {
         println!("    (yama ptrace_scope {yama}: siblings are refused anyway)");
         assert_eq!(rep["sibling_mem_read"], "EACCES");
@@ -592,7 +611,13 @@ fn dropped_workers_die_with_the_primary() {
         let mut p = Cluster::builder()
             .workers(2)
             .user("nobody")
-            .start(idle)
+            // Workers that never read their channel: only the parent-death signal can end
+            // them when the primary dies.
+            .start(|_w: Worker| -> i32 {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
             .unwrap();
         let mut pids = Vec::new();
         let mut online = 0;
@@ -645,7 +670,10 @@ fn dropped_workers_die_with_the_primary() {
     let gone = util::wait_until(Duration::from_secs(2), || {
         pids.iter().all(|&pid| !util::alive(pid))
     });
-    assert!(gone, "workers running as nobody outlived the primary: {pids:?}");
+    assert!(
+        gone,
+        "workers running as nobody outlived the primary: {pids:?}"
+    );
 }
 
 /// The primary keeps uid 0 but loses `CAP_SETUID` (so the check at start passes and the
@@ -710,7 +738,8 @@ fn failed_drop_exits_before_the_worker_function() {
         "{log:?}"
     );
     assert!(
-        !log.iter().any(|e| matches!(e, E::Online(_) | E::Msg { .. })),
+        !log.iter()
+            .any(|e| matches!(e, E::Online(_) | E::Msg { .. })),
         "application code ran: {log:?}"
     );
     finish(p);
@@ -725,11 +754,15 @@ fn invalid(b: forkcluster::Builder) -> bool {
 
 fn start_refuses_what_cannot_work() {
     assert!(invalid(Cluster::builder().user("no-such-user-forkcluster")));
-    assert!(invalid(Cluster::builder().group("no-such-group-forkcluster")));
+    assert!(invalid(
+        Cluster::builder().group("no-such-group-forkcluster")
+    ));
     assert!(invalid(Cluster::builder().user("nul\0byte")));
     // A uid without a database entry needs its group.
     assert!(invalid(Cluster::builder().user(4_000_000_000u32)));
-    assert!(invalid(Cluster::builder().cpu_affinity(Affinity::List(vec![]))));
+    assert!(invalid(
+        Cluster::builder().cpu_affinity(Affinity::List(vec![]))
+    ));
     assert!(invalid(
         Cluster::builder().cpu_affinity(Affinity::List(vec![100_000]))
     ));
