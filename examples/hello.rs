@@ -5,6 +5,8 @@
 //! cargo run --release --example hello -- [--listen ADDR] [--workers N] [--schedule rr|shared]
 //!                                         [--max-requests N] [--hang-timeout SECS]
 //!                                         [--defer-accept SECS]
+//!                                         [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..]
+//!                                         [--nofile N]
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, one worker per CPU, round-robin, max requests 1,000,000 (+10%
@@ -12,6 +14,11 @@
 //! line on stderr. SIGTERM and SIGQUIT stop gracefully, SIGINT fast, SIGHUP restarts every worker
 //! without dropping a request, SIGTTIN/SIGTTOU add or remove a worker; crashed workers are
 //! respawned (with backoff), hung ones killed and replaced. Exit status 0 after a stop.
+//!
+//! Deployment: `--user nobody` (as root) binds as root and runs every worker as `nobody`;
+//! `--cpu-affinity auto` pins worker slot i to allowed CPU i (modulo their number), or to the
+//! listed CPUs in turn; `--nofile N` raises the open-file limit of the primary and the workers
+//! (up to the hard limit) and prints what was set. Workers show in `ps` as `fc-worker-<id>`.
 //!
 //! Each worker runs one epoll loop over its cluster fd and its connections. The request path
 //! allocates nothing: the response is built once per worker and connection slots are reserved
@@ -21,7 +28,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use forkcluster::{Cluster, Connection, Event, Next, Schedule, Worker};
+use forkcluster::{Affinity, Cluster, Connection, Event, Next, Schedule, Worker};
 use rustix::event::epoll;
 
 const WORKER_TOKEN: u64 = u64::MAX;
@@ -40,12 +47,15 @@ struct Opts {
     max_requests: u64,
     hang: u64,
     defer: u32,
+    user: Option<String>,
+    affinity: Option<Affinity>,
+    nofile: Option<u64>,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N]"
     );
     std::process::exit(2)
 }
@@ -60,6 +70,9 @@ fn opts() -> Opts {
         max_requests: 1_000_000,
         hang: 30,
         defer: 5,
+        user: None,
+        affinity: None,
+        nofile: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -98,6 +111,21 @@ fn opts() -> Opts {
                     .parse()
                     .unwrap_or_else(|_| usage("bad --hang-timeout"))
             }
+            "--user" => o.user = Some(val()),
+            "--cpu-affinity" => {
+                let v = val();
+                o.affinity = Some(if v == "auto" {
+                    Affinity::Auto
+                } else {
+                    Affinity::List(
+                        v.split(',')
+                            .map(|c| c.trim().parse())
+                            .collect::<Result<_, _>>()
+                            .unwrap_or_else(|_| usage("--cpu-affinity is auto or CPU,CPU,..")),
+                    )
+                })
+            }
+            "--nofile" => o.nofile = Some(val().parse().unwrap_or_else(|_| usage("bad --nofile"))),
             "-h" | "--help" => usage("help"),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -125,8 +153,26 @@ fn main() -> Result<(), forkcluster::Error> {
     if o.hang > 0 {
         b = b.hang_timeout(Duration::from_secs(o.hang));
     }
+    if let Some(user) = o.user {
+        // The primary binds as who it is (root, for port 80) and keeps that; the workers drop
+        // to the user before they run `serve`.
+        b = b.user(user);
+    }
+    if let Some(a) = o.affinity {
+        b = b.cpu_affinity(a);
+    }
+    let asked_nofile = o.nofile.is_some();
+    if let Some(n) = o.nofile {
+        b = b.nofile_limit(n);
+    }
     let mut primary = b.start(serve)?;
     eprintln!("primary {} serving on {}", std::process::id(), o.listen);
+    if asked_nofile {
+        match primary.nofile_limit() {
+            Some(n) => eprintln!("open files: up to {n} per process"),
+            None => eprintln!("open files: unlimited"),
+        }
+    }
     while let Some(event) = primary.next_event()? {
         if let Event::Message { .. } = event {
             continue;
