@@ -458,7 +458,10 @@ mod tests {
         assert_eq!(&worker_comm(b"fc-worker", 3)[..], b"fc-worker-3\0");
         assert_eq!(&worker_comm(b"fc-worker", 12345)[..], b"fc-worker-12345\0");
         assert_eq!(&worker_comm(b"fc-worker", 123456)[..], b"fc-worke-123456\0");
-        assert_eq!(&worker_comm(b"fc-worker", u32::MAX)[..], b"fc-4294967295\0");
+        assert_eq!(
+            &worker_comm(b"fc-worker", u32::MAX)[..],
+            b"fc-w-4294967295\0"
+        );
         assert_eq!(&worker_comm(b"", 7)[..], b"-7\0");
     }
 

@@ -254,12 +254,14 @@ fn identity(w: &Worker) -> String {
     unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeath as *mut libc::c_int) };
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
     format!(
-        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\n",
+        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\ncapprm={}\ncapamb={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\n",
         w.id(),
         status("Uid"),
         status("Gid"),
         status("Groups"),
         status("CapEff"),
+        status("CapPrm"),
+        status("CapAmb"),
         status("NoNewPrivs"),
         status("Cpus_allowed_list"),
         comm.trim_end(),
@@ -318,7 +320,10 @@ fn workers_run_as_nobody_with_its_groups() {
             "worker {id}"
         );
         assert_eq!(sorted_numbers(&rep["groups"]), groups, "worker {id}");
+        // No capability left: effective, permitted and ambient sets are empty.
         assert_eq!(rep["capeff"], "0000000000000000", "worker {id}");
+        assert_eq!(rep["capprm"], "0000000000000000", "worker {id}");
+        assert_eq!(rep["capamb"], "0000000000000000", "worker {id}");
         // Not dumpable (the default once the ids change), and still dies with the primary.
         assert_eq!(rep["dumpable"], "0", "worker {id}");
         assert_eq!(rep["pdeathsig"], libc::SIGKILL.to_string(), "worker {id}");
