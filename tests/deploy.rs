@@ -253,8 +253,12 @@ fn identity(w: &Worker) -> String {
     // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer.
     unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeath as *mut libc::c_int) };
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    // SAFETY: plain integers. In a worker that kept root this changes nothing.
+    let setuid0 = outcome(unsafe { libc::setuid(0) } == 0);
+    // SAFETY: as above.
+    let setgid0 = outcome(unsafe { libc::setgid(0) } == 0);
     format!(
-        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\ncapprm={}\ncapamb={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\n",
+        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\ncapprm={}\ncapamb={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\nsetuid0={setuid0}\nsetgid0={setgid0}\n",
         w.id(),
         status("Uid"),
         status("Gid"),
@@ -324,6 +328,9 @@ fn workers_run_as_nobody_with_its_groups() {
         assert_eq!(rep["capeff"], "0000000000000000", "worker {id}");
         assert_eq!(rep["capprm"], "0000000000000000", "worker {id}");
         assert_eq!(rep["capamb"], "0000000000000000", "worker {id}");
+        // Root cannot be had back, from application code either.
+        assert_eq!(rep["setuid0"], "EPERM", "worker {id}");
+        assert_eq!(rep["setgid0"], "EPERM", "worker {id}");
         // Not dumpable (the default once the ids change), and still dies with the primary.
         assert_eq!(rep["dumpable"], "0", "worker {id}");
         assert_eq!(rep["pdeathsig"], libc::SIGKILL.to_string(), "worker {id}");
