@@ -235,12 +235,16 @@ impl Options {
             )?),
             None => None,
         };
-        let dumpable = match (self.dumpable, &ids) {
-            (Some(d), _) => Some(d),
+        let changes = ids.as_ref().is_some_and(|i| {
+            i.uid != rustix::process::getuid().as_raw()
+                || i.gid != rustix::process::getgid().as_raw()
+        });
+        let dumpable = match self.dumpable {
+            Some(d) => Some(d),
             // The kernel already clears the flag when the ids change (unless
             // fs.suid_dumpable says otherwise): the crate makes it explicit.
-            (None, Some(_)) => Some(false),
-            (None, None) => None,
+            None if changes => Some(false),
+            None => None,
         };
         let nofile = raise_nofile(self.nofile)?;
         if let Some(n) = primary_name {
