@@ -445,7 +445,7 @@ fn attacker(mut w: Worker) -> i32 {
     let sibling: i32 = loop {
         match w.next() {
             Ok(Some(Next::Message(m))) => {
-                break String::from_utf8_lossy(&m.payload).parse().unwrap_or(0)
+                break String::from_utf8_lossy(m.payload).parse().unwrap_or(0)
             }
             Ok(Some(_)) => {}
             _ => return 4,
