@@ -496,6 +496,26 @@ mod tests {
     use core::sync::atomic::Ordering;
 
     #[test]
+    fn user_and_group_lookups() {
+        let root = CString::new("root").unwrap();
+        let (uid, gid, name) = user_by_name(&root)
+            .unwrap()
+            .expect("root is in /etc/passwd");
+        assert_eq!((uid, gid, name.as_c_str()), (0, 0, root.as_c_str()));
+        let (_, gid, name) = user_by_id(0).unwrap().expect("uid 0 is in /etc/passwd");
+        assert_eq!((gid, name.as_c_str()), (0, root.as_c_str()));
+        assert_eq!(group_by_name(&root).unwrap(), Some(0));
+        assert!(group_list(&root, 0).unwrap().contains(&0));
+        let none = CString::new("no-such-user-forkcluster").unwrap();
+        assert_eq!(user_by_name(&none).unwrap(), None);
+        assert_eq!(group_by_name(&none).unwrap(), None);
+        assert_eq!(user_by_id(4_000_000_000).unwrap(), None);
+        let (u, g) = credentials();
+        assert_eq!(u[0], rustix::process::getuid().as_raw());
+        assert_eq!(g[1], rustix::process::getegid().as_raw());
+    }
+
+    #[test]
     fn shared_pages_are_shared_across_fork_and_a_child_keeps_only_its_own() {
         let s = SharedPages::new(3).unwrap();
         match fork().unwrap() {

@@ -24,6 +24,7 @@ fn main() {
     util::run(tests![
         workers_run_as_nobody_with_its_groups,
         no_supplementary_groups_and_no_new_privs,
+        group_alone_changes_only_the_groups,
         hostile_worker_as_nobody_is_refused_by_the_kernel,
         without_a_user_the_same_worker_reaches_the_primary,
         dumpable_workers_can_reach_their_siblings,
@@ -253,12 +254,8 @@ fn identity(w: &Worker) -> String {
     // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer.
     unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeath as *mut libc::c_int) };
     let comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
-    // SAFETY: plain integers. In a worker that kept root this changes nothing.
-    let setuid0 = outcome(unsafe { libc::setuid(0) } == 0);
-    // SAFETY: as above.
-    let setgid0 = outcome(unsafe { libc::setgid(0) } == 0);
-    format!(
-        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\ncapprm={}\ncapamb={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\nsetuid0={setuid0}\nsetgid0={setgid0}\n",
+    let mut out = format!(
+        "id={}\nuid={}\ngid={}\ngroups={}\ncapeff={}\ncapprm={}\ncapamb={}\nnnp={}\ncpus={}\ncomm={}\nnofile={}\ndumpable={dumpable}\npdeathsig={pdeath}\n",
         w.id(),
         status("Uid"),
         status("Gid"),
@@ -270,7 +267,14 @@ fn identity(w: &Worker) -> String {
         status("Cpus_allowed_list"),
         comm.trim_end(),
         rl.rlim_cur,
-    )
+    );
+    // SAFETY: plain integers. Last, after everything above was read: in a worker
+    // that kept root, setgid(0) changes its gid.
+    let setuid0 = outcome(unsafe { libc::setuid(0) } == 0);
+    // SAFETY: as above.
+    let setgid0 = outcome(unsafe { libc::setgid(0) } == 0);
+    out.push_str(&format!("setuid0={setuid0}\nsetgid0={setgid0}\n"));
+    out
 }
 
 /// Waits for the disconnect request, then exits 0.
@@ -365,6 +369,23 @@ fn no_supplementary_groups_and_no_new_privs() {
     );
     assert_eq!(rep["nnp"], "1");
     assert_eq!(status("NoNewPrivs"), "0", "the primary is unchanged");
+    finish(p);
+}
+
+/// `group` without `user`: the workers keep uid 0 and change their gid, and root's groups are
+/// replaced by that group alone.
+fn group_alone_changes_only_the_groups() {
+    let Some((_, gid)) = nobody() else { return };
+    let mut p = Cluster::builder()
+        .workers(1)
+        .group(gid)
+        .start(report)
+        .unwrap();
+    let r = reports(&mut p, 1, &mut Vec::new());
+    let rep = &r[&1].1;
+    assert_eq!(rep["uid"], "0 0 0 0", "{rep:?}");
+    assert_eq!(rep["gid"], format!("{gid} {gid} {gid} {gid}"));
+    assert_eq!(rep["groups"], gid.to_string());
     finish(p);
 }
 
