@@ -117,12 +117,14 @@ fn opts() -> Opts {
                 o.affinity = Some(if v == "auto" {
                     Affinity::Auto
                 } else {
-                    Affinity::List(
-                        v.split(',')
-                            .map(|c| c.trim().parse())
-                            .collect::<Result<_, _>>()
-                            .unwrap_or_else(|_| usage("--cpu-affinity is auto or CPU,CPU,..")),
-                    )
+                    let mut cpus = Vec::new();
+                    for c in v.split(',') {
+                        match c.parse() {
+                            Ok(c) => cpus.push(c),
+                            Err(_) => usage("--cpu-affinity is auto or CPU,CPU,.."),
+                        }
+                    }
+                    Affinity::List(cpus)
                 })
             }
             "--nofile" => o.nofile = Some(val().parse().unwrap_or_else(|_| usage("bad --nofile"))),

@@ -150,6 +150,37 @@ fn cstring(s: &str, why: &'static str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::Invalid(why))
 }
 
+/// Sorts `v` and removes duplicates: a heapsort, because the standard library's sort costs a
+/// static binary several kilobytes (this runs once per start and once per worker, on a user's
+/// groups: at most 65536 of them).
+fn sort_dedup(v: &mut Vec<u32>) {
+    fn sift_down(v: &mut [u32], mut root: usize, end: usize) {
+        loop {
+            let mut child = 2 * root + 1;
+            if child >= end {
+                return;
+            }
+            if child + 1 < end && v[child] < v[child + 1] {
+                child += 1;
+            }
+            if v[root] >= v[child] {
+                return;
+            }
+            v.swap(root, child);
+            root = child;
+        }
+    }
+    let n = v.len();
+    for i in (0..n / 2).rev() {
+        sift_down(v, i, n);
+    }
+    for end in (1..n).rev() {
+        v.swap(0, end);
+        sift_down(v, 0, end);
+    }
+    v.dedup();
+}
+
 /// `s` as a number when it is all ASCII digits.
 fn digits(s: &str) -> Option<u32> {
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -288,8 +319,7 @@ impl Options {
             // A user without a database entry, or only a group: that group alone.
             (Groups::User, _, _) => vec![gid],
         };
-        groups.sort_unstable();
-        groups.dedup();
+        sort_dedup(&mut groups);
         if groups.len() > sys::MAX_GROUPS {
             return Err(Error::Invalid(
                 "more supplementary groups than the kernel allows (65536)",
@@ -437,8 +467,7 @@ fn drop_to(ids: &Ids) -> Result<()> {
         .into_iter()
         .map(|g| g.as_raw())
         .collect();
-    now.sort_unstable();
-    now.dedup();
+    sort_dedup(&mut now);
     if now != ids.groups {
         return Err(Error::Invalid(
             "the supplementary groups are not the ones set",
@@ -467,6 +496,24 @@ mod tests {
             b"fc-w-4294967295\0"
         );
         assert_eq!(&worker_comm(b"", 7)[..], b"-7\0");
+    }
+
+    #[test]
+    fn sort_dedup_sorts_and_dedups() {
+        let mut seed = 12345u32;
+        for n in [0usize, 1, 2, 3, 7, 100, 1000] {
+            let mut v: Vec<u32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (seed >> 16) % 64
+                })
+                .collect();
+            let mut want = v.clone();
+            want.sort();
+            want.dedup();
+            sort_dedup(&mut v);
+            assert_eq!(v, want, "n = {n}");
+        }
     }
 
     #[test]
