@@ -368,6 +368,7 @@ impl Builder {
     /// ```
     pub fn user(mut self, user: impl Into<NameOrId>) -> Self {
         self.deploy.user = Some(user.into());
+        self.deploy.ids_fn = Some(deploy::Options::resolve_ids);
         self
     }
 
@@ -381,6 +382,7 @@ impl Builder {
     /// ```
     pub fn group(mut self, group: impl Into<NameOrId>) -> Self {
         self.deploy.group = Some(group.into());
+        self.deploy.ids_fn = Some(deploy::Options::resolve_ids);
         self
     }
 

@@ -98,9 +98,16 @@ pub enum Affinity {
     List(Vec<usize>),
 }
 
+/// Resolves the user and group in the primary (NSS lookups); see [`Options::ids_fn`].
+pub(crate) type IdsFn = fn(&Options) -> Result<Option<Ids>>;
+
 /// What the builder was asked for.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Options {
+    /// Set by `Builder::user` and `Builder::group` only: the lookups and the privilege drop
+    /// (libc's NSS and credential code, about 15 kB in a static musl binary) are reached through
+    /// this pointer, so a program that never asks for a user does not link them.
+    pub(crate) ids_fn: Option<IdsFn>,
     pub(crate) user: Option<NameOrId>,
     pub(crate) group: Option<NameOrId>,
     pub(crate) groups: Groups,
@@ -113,12 +120,15 @@ pub(crate) struct Options {
 }
 
 /// The ids a worker drops to, resolved before the first fork.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Ids {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     /// Sorted, without duplicates.
     pub(crate) groups: Vec<u32>,
+    /// The drop itself, in the worker ([`drop_to`]; a pointer for the reason given at
+    /// [`Options::ids_fn`]).
+    pub(crate) drop: fn(&Ids) -> Result<()>,
 }
 
 /// What each worker applies after fork, resolved in the primary.
@@ -226,7 +236,10 @@ impl Options {
     /// (NSS), the allowed CPUs, the names; then, once nothing can fail any more but the
     /// system calls themselves, raises `RLIMIT_NOFILE` and names the primary.
     pub(crate) fn resolve(self) -> Result<Deploy> {
-        let ids = self.resolve_ids()?;
+        let ids = match self.ids_fn {
+            Some(f) => f(&self)?,
+            None => None,
+        };
         let cpus = match &self.affinity {
             None => Vec::new(),
             Some(a) => {
@@ -291,7 +304,8 @@ impl Options {
         })
     }
 
-    fn resolve_ids(&self) -> Result<Option<Ids>> {
+    /// The [`IdsFn`]: resolves the user and the group, or `None` when nothing changes.
+    pub(crate) fn resolve_ids(&self) -> Result<Option<Ids>> {
         if self.user.is_none() && self.group.is_none() {
             return Ok(None);
         }
@@ -334,7 +348,12 @@ impl Options {
             // Already those ids; an unprivileged process could not change its groups anyway.
             return Ok(None);
         }
-        Ok(Some(Ids { uid, gid, groups }))
+        Ok(Some(Ids {
+            uid,
+            gid,
+            groups,
+            drop: drop_to,
+        }))
     }
 }
 
@@ -418,7 +437,7 @@ impl Deploy {
             }
         }
         if let Some(ids) = &self.ids {
-            if let Err(e) = drop_to(ids) {
+            if let Err(e) = (ids.drop)(ids) {
                 privsep_failed(id, e);
             }
             // A change of credentials clears the parent-death signal: set it again, and if the
@@ -530,11 +549,13 @@ mod tests {
     fn unknown_names_are_invalid() {
         let o = Options {
             user: Some("no-such-user-forkcluster".into()),
+            ids_fn: Some(Options::resolve_ids),
             ..Options::default()
         };
         assert!(matches!(o.resolve(), Err(Error::Invalid(_))));
         let o = Options {
             group: Some("no-such-group-forkcluster".into()),
+            ids_fn: Some(Options::resolve_ids),
             ..Options::default()
         };
         assert!(matches!(o.resolve(), Err(Error::Invalid(_))));
