@@ -273,10 +273,16 @@ impl Options {
         // Cannot fail: at most COMM_MAX bytes.
         let _ = name.try_extend_from_slice(truncate(prefix, COMM_MAX).as_bytes());
         let primary_name = match &self.primary_name {
-            Some(n) => Some(cstring(
-                truncate(n, COMM_MAX),
-                "primary_name contains a NUL byte",
-            )?),
+            Some(n) if n.contains('\0') => {
+                return Err(Error::Invalid("primary_name contains a NUL byte"))
+            }
+            Some(n) => {
+                let mut c: ArrayVec<u8, 16> = ArrayVec::new();
+                // Cannot fail: at most COMM_MAX bytes and the NUL.
+                let _ = c.try_extend_from_slice(truncate(n, COMM_MAX).as_bytes());
+                c.push(0);
+                Some(c)
+            }
             None => None,
         };
         let changes = ids.as_ref().is_some_and(|i| {
@@ -292,7 +298,9 @@ impl Options {
         };
         let nofile = raise_nofile(self.nofile)?;
         if let Some(n) = primary_name {
-            rustix::thread::set_name(&n).call("prctl(PR_SET_NAME)")?;
+            if let Ok(c) = CStr::from_bytes_with_nul(&n) {
+                rustix::thread::set_name(c).call("prctl(PR_SET_NAME)")?;
+            }
         }
         Ok(Deploy {
             ids,
