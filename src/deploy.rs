@@ -401,7 +401,11 @@ fn worker_comm(prefix: &[u8], id: u32) -> ArrayVec<u8, 16> {
             break;
         }
     }
-    let keep = prefix.len().min(COMM_MAX - 1 - digits.len());
+    let mut keep = prefix.len().min(COMM_MAX - 1 - digits.len());
+    // Not in the middle of a UTF-8 character (the prefix came from a `str`).
+    while keep > 0 && keep < prefix.len() && prefix[keep] & 0xC0 == 0x80 {
+        keep -= 1;
+    }
     let mut out = ArrayVec::new();
     out.extend(prefix[..keep].iter().copied());
     out.push(b'-');
@@ -523,6 +527,9 @@ mod tests {
             b"fc-w-4294967295\0"
         );
         assert_eq!(&worker_comm(b"", 7)[..], b"-7\0");
+        let e = "wébservéé".as_bytes(); // 12 bytes
+        assert_eq!(&worker_comm(e, 12)[..], "wébservéé-12\0".as_bytes());
+        assert_eq!(&worker_comm(e, 123)[..], "wébservé-123\0".as_bytes());
     }
 
     #[test]
