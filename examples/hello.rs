@@ -5,6 +5,8 @@
 //! cargo run --release --example hello -- [--listen ADDR] [--workers N] [--schedule rr|shared]
 //!                                         [--max-requests N] [--hang-timeout SECS]
 //!                                         [--defer-accept SECS] [--systemd]
+//!                                         [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..]
+//!                                         [--nofile N]
 //! ```
 //!
 //! `--systemd`: serve the sockets systemd passes (socket activation, `LISTEN_FDS`) instead of
@@ -17,6 +19,11 @@
 //! without dropping a request, SIGTTIN/SIGTTOU add or remove a worker; crashed workers are
 //! respawned (with backoff), hung ones killed and replaced. Exit status 0 after a stop.
 //!
+//! Deployment: `--user nobody` (as root) binds as root and runs every worker as `nobody`;
+//! `--cpu-affinity auto` pins worker slot i to allowed CPU i (modulo their number), or to the
+//! listed CPUs in turn; `--nofile N` raises the open-file limit of the primary and the workers
+//! (up to the hard limit) and prints what was set. Workers show in `ps` as `fc-worker-<id>`.
+//!
 //! Each worker runs one epoll loop over its cluster fd and its connections. The request path
 //! allocates nothing: the response is built once per worker and connection slots are reserved
 //! up front.
@@ -25,7 +32,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use forkcluster::{Cluster, Connection, Event, Next, Schedule, Worker};
+use forkcluster::{Affinity, Cluster, Connection, Event, Next, Schedule, Worker};
 use rustix::event::epoll;
 
 const WORKER_TOKEN: u64 = u64::MAX;
@@ -45,12 +52,15 @@ struct Opts {
     hang: u64,
     defer: u32,
     systemd: bool,
+    user: Option<String>,
+    affinity: Option<Affinity>,
+    nofile: Option<u64>,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N]"
     );
     std::process::exit(2)
 }
@@ -66,6 +76,9 @@ fn opts() -> Opts {
         hang: 30,
         defer: 5,
         systemd: false,
+        user: None,
+        affinity: None,
+        nofile: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -105,6 +118,23 @@ fn opts() -> Opts {
                     .unwrap_or_else(|_| usage("bad --hang-timeout"))
             }
             "--systemd" => o.systemd = true,
+            "--user" => o.user = Some(val()),
+            "--cpu-affinity" => {
+                let v = val();
+                o.affinity = Some(if v == "auto" {
+                    Affinity::Auto
+                } else {
+                    let mut cpus = Vec::new();
+                    for c in v.split(',') {
+                        match c.parse() {
+                            Ok(c) => cpus.push(c),
+                            Err(_) => usage("--cpu-affinity is auto or CPU,CPU,.."),
+                        }
+                    }
+                    Affinity::List(cpus)
+                })
+            }
+            "--nofile" => o.nofile = Some(val().parse().unwrap_or_else(|_| usage("bad --nofile"))),
             "-h" | "--help" => usage("help"),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -139,9 +169,27 @@ fn main() -> Result<(), forkcluster::Error> {
     if o.hang > 0 {
         b = b.hang_timeout(Duration::from_secs(o.hang));
     }
+    if let Some(user) = o.user {
+        // The primary binds as who it is (root, for port 80) and keeps that; the workers drop
+        // to the user before they run `serve`.
+        b = b.user(user);
+    }
+    if let Some(a) = o.affinity {
+        b = b.cpu_affinity(a);
+    }
+    let asked_nofile = o.nofile.is_some();
+    if let Some(n) = o.nofile {
+        b = b.nofile_limit(n);
+    }
     let mut primary = b.start(serve)?;
     for addr in primary.listen_addrs() {
         eprintln!("primary {} serving on {addr}", std::process::id());
+    }
+    if asked_nofile {
+        match primary.nofile_limit() {
+            Some(n) => eprintln!("open files: up to {n} per process"),
+            None => eprintln!("open files: unlimited"),
+        }
     }
     while let Some(event) = primary.next_event()? {
         if let Event::Message { .. } = event {

@@ -6,6 +6,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::deploy::{self, Affinity, Groups, NameOrId};
 use crate::error::{Error, Result};
 use crate::listener::{self, Family, Spec};
 use crate::primary::Primary;
@@ -85,6 +86,7 @@ pub struct Builder {
     sd_notify: bool,
     env: Vec<(String, String)>,
     sup: Supervision,
+    deploy: deploy::Options,
 }
 
 /// Entry point: `Cluster::builder()`.
@@ -106,6 +108,7 @@ impl Cluster {
             sd_notify: true,
             env: Vec::new(),
             sup: Supervision::default(),
+            deploy: deploy::Options::default(),
         }
     }
 }
@@ -346,6 +349,8 @@ impl Builder {
         if self.specs.len() > MAX_LISTENERS {
             return Err(Error::Capacity("listeners"));
         }
+        // Every lookup (NSS), the allowed CPUs and RLIMIT_NOFILE: here, once, before any fork.
+        let deploy = self.deploy.resolve()?;
         let mut listeners = Vec::with_capacity(self.specs.len());
         for spec in self.specs {
             let opts = listener::BindOptions {
@@ -370,6 +375,7 @@ impl Builder {
             nonblocking: self.nonblocking,
             env: self.env,
             sup: self.sup,
+            deploy,
         };
         let sd = if self.sd_notify {
             match crate::systemd::Notifier::from_env(true) {
@@ -389,6 +395,165 @@ impl Builder {
             Box::new(move |w| worker(w).code()),
             sd,
         )
+    }
+}
+
+/// Deployment: privilege separation, CPU placement, process names, limits.
+impl Builder {
+    /// Runs the workers as `user` (a name, or a uid: `user("nobody")`, `user(65534)`), with
+    /// that user's group and, by default, its supplementary groups
+    /// ([`supplementary_groups`](Builder::supplementary_groups)). The primary keeps its
+    /// privileges: it binds the listeners first and needs them again to respawn and restart.
+    ///
+    /// Each worker drops to the user right after fork, before any application code:
+    /// `setgroups`, then `setresgid`, then `setresuid`, and then checks that it held (real,
+    /// effective and saved uid and gid are the user's, the groups are the ones set, and
+    /// `setuid(0)` fails). A worker whose drop fails or does not verify exits with
+    /// [`EXIT_PRIVSEP_FAILED`](crate::EXIT_PRIVSEP_FAILED) without running the worker function:
+    /// never a worker that runs as root. Its core dumps and `/proc/PID/mem` are off too
+    /// ([`dumpable`](Builder::dumpable)).
+    ///
+    /// Names are looked up once, in [`start`](Builder::start), before the first fork (no NSS
+    /// call happens in a worker). An unknown name is an [`Error::Invalid`]; so is a primary
+    /// that is not root asking for a user other than its own (asking for its own changes
+    /// nothing).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use forkcluster::Cluster;
+    ///
+    /// // As root: bind port 80, serve it as `nobody`.
+    /// let primary = Cluster::builder()
+    ///     .listen("0.0.0.0:80".parse()?)
+    ///     .user("nobody")
+    ///     .no_new_privs(true)
+    ///     .start(|worker| {
+    ///         // serve worker.next() ... as nobody
+    ///         # drop(worker);
+    ///     })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn user(mut self, user: impl Into<NameOrId>) -> Self {
+        self.deploy.user = Some(user.into());
+        self.deploy.ids_fn = Some(deploy::Options::resolve_ids);
+        self
+    }
+
+    /// The workers' group (a name or a gid), instead of the [`user`](Builder::user)'s own
+    /// group. Without a user, the workers keep the primary's uid and change only their group
+    /// (and, as for a user, their supplementary groups: that group alone).
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().user("nobody").group("nogroup");
+    /// # drop(b);
+    /// ```
+    pub fn group(mut self, group: impl Into<NameOrId>) -> Self {
+        self.deploy.group = Some(group.into());
+        self.deploy.ids_fn = Some(deploy::Options::resolve_ids);
+        self
+    }
+
+    /// The supplementary groups of workers that change user: the user's groups from the group
+    /// database ([`Groups::User`], the default, as `login` sets them) or none
+    /// ([`Groups::None`]: only the worker's group). Either way the primary's own groups (root's)
+    /// are gone.
+    ///
+    /// ```
+    /// use forkcluster::{Cluster, Groups};
+    ///
+    /// let b = Cluster::builder().user("nobody").supplementary_groups(Groups::None);
+    /// # drop(b);
+    /// ```
+    pub fn supplementary_groups(mut self, groups: Groups) -> Self {
+        self.deploy.groups = groups;
+        self
+    }
+
+    /// Whether workers are dumpable (`PR_SET_DUMPABLE`): core dumps, and whether processes of
+    /// the same user may `ptrace` them or open their `/proc/PID/mem`. Default: off in workers
+    /// that change user (the kernel's own rule when credentials change, made explicit), and
+    /// left as inherited otherwise. `false` turns it off in every worker; `true` keeps core
+    /// dumps of workers that changed user, at the price of letting each such worker read and
+    /// write its siblings' memory (they share a uid).
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().user("nobody").dumpable(false);
+    /// # drop(b);
+    /// ```
+    pub fn dumpable(mut self, yes: bool) -> Self {
+        self.deploy.dumpable = Some(yes);
+        self
+    }
+
+    /// Sets `PR_SET_NO_NEW_PRIVS` in each worker (default off): nothing a worker `exec`s can
+    /// gain privileges (set-user-ID binaries and file capabilities no longer apply), and it may
+    /// install seccomp filters without `CAP_SYS_ADMIN`.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().no_new_privs(true);
+    /// # drop(b);
+    /// ```
+    pub fn no_new_privs(mut self, yes: bool) -> Self {
+        self.deploy.no_new_privs = yes;
+        self
+    }
+
+    /// Pins each worker to one CPU (`sched_setaffinity`, in the worker right after fork):
+    /// worker slot `i` on CPU `i` modulo the CPUs of the [`Affinity`]. [`Affinity::Auto`] uses
+    /// the CPUs this process may run on when the cluster starts, like nginx's
+    /// `worker_cpu_affinity auto`. A list naming a CPU this process may not run on is an
+    /// [`Error::Invalid`] from [`start`](Builder::start). Default: no pinning.
+    ///
+    /// ```
+    /// use forkcluster::{Affinity, Cluster};
+    ///
+    /// let b = Cluster::builder().cpu_affinity(Affinity::Auto);
+    /// let c = Cluster::builder().cpu_affinity(Affinity::List(vec![1, 0]));
+    /// # drop((b, c));
+    /// ```
+    pub fn cpu_affinity(mut self, affinity: Affinity) -> Self {
+        self.deploy.affinity = Some(affinity);
+        self
+    }
+
+    /// Raises the soft `RLIMIT_NOFILE` (open files) to `n` when the cluster starts, capped at
+    /// the hard limit; it is never lowered. The primary sets it before the first fork, so every
+    /// worker has it too; [`Primary::nofile_limit`] says what was set.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().nofile_limit(65536);
+    /// # drop(b);
+    /// ```
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.deploy.nofile = Some(n);
+        self
+    }
+
+    /// The workers' process name (`PR_SET_NAME`, what `ps`, `top` and `/proc/PID/comm` show):
+    /// `{prefix}-{id}`, by default [`DEFAULT_WORKER_NAME`](crate::DEFAULT_WORKER_NAME)
+    /// (`fc-worker-3`). Linux keeps 15 bytes: a long prefix is cut so the id stays whole. An
+    /// empty prefix leaves the workers with the program's name.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().worker_name("web");   // web-1, web-2, ...
+    /// # drop(b);
+    /// ```
+    pub fn worker_name(mut self, prefix: impl Into<String>) -> Self {
+        self.deploy.worker_name = Some(prefix.into());
+        self
+    }
+
+    /// Names the primary process too (`PR_SET_NAME`, at most 15 bytes), for instance
+    /// `"fc-primary"`, when the cluster starts. Default: the program's name is kept.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().primary_name("fc-primary");
+    /// # drop(b);
+    /// ```
+    pub fn primary_name(mut self, name: impl Into<String>) -> Self {
+        self.deploy.primary_name = Some(name.into());
+        self
     }
 }
 

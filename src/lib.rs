@@ -74,6 +74,7 @@
 //! | [`channel`] | one end of a `SOCK_SEQPACKET` socketpair: a frame and its fds per datagram (`sendmsg`/`recvmsg`, `SCM_RIGHTS`) |
 //! | `listener` | listening sockets: binding what the builder asked for, their addresses |
 //! | `heartbeat` | the page of 32-bit counters each worker shares with the primary (one page per worker) |
+//! | `deploy` | the workers' user and groups (privilege separation), CPU affinity, process names, `RLIMIT_NOFILE`: resolved in the primary, applied in each worker before the worker function |
 //! | `settings` | [`Schedule`], the supervisor's settings, the limits |
 //! | `worker` | the worker side: the next connection, message or disconnect request |
 //! | `primary` | the loop: epoll over listeners, channels and a `signalfd`, routing each ready fd to its room |
@@ -117,6 +118,7 @@
 
 pub mod channel;
 mod cluster;
+mod deploy;
 mod error;
 pub mod frame;
 mod heartbeat;
@@ -128,6 +130,7 @@ pub mod systemd;
 mod worker;
 
 pub use cluster::{Builder, Cluster, ExitCode};
+pub use deploy::{Affinity, Groups, NameOrId, DEFAULT_WORKER_NAME, EXIT_PRIVSEP_FAILED};
 pub use error::{Error, Result};
 pub use listener::ListenAddr;
 pub use primary::{ClusterStats, Event, Primary, State, WorkerInfo};

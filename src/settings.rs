@@ -65,4 +65,6 @@ pub(crate) struct Settings {
     pub(crate) nonblocking: bool,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) sup: Supervision,
+    /// The workers' user, CPUs, names and limits, resolved before the first fork.
+    pub(crate) deploy: crate::deploy::Deploy,
 }

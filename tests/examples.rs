@@ -22,6 +22,7 @@ fn main() {
         count_requests,
         hello_sigterm => 30,
         hello_sigint => 30,
+        hello_user_cpu_affinity_nofile => 30,
     ]);
 }
 
@@ -414,4 +415,100 @@ fn hello_sigterm() {
 
 fn hello_sigint() {
     hello(libc::SIGINT);
+}
+
+/// A line of `/proc/PID/status`, tabs as spaces.
+fn status_of(pid: i32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `hello --user nobody --cpu-affinity auto --nofile N`: the workers run as nobody (when this
+/// runs as root and the machine has `nobody`), each on its CPU, named `fc-worker-<id>`, and the
+/// primary says which open-file limit it set.
+fn hello_user_cpu_affinity_nofile() {
+    // nobody's uid, when this runs as root and the machine has that user.
+    // SAFETY: geteuid has no preconditions.
+    let nobody: Option<String> = (unsafe { libc::geteuid() } == 0)
+        .then(|| Command::new("id").args(["-u", "nobody"]).output().ok())
+        .flatten()
+        .filter(|o| o.status.success())
+        .map(|o| text(&o.stdout).trim().to_string());
+    let as_nobody = nobody.is_some();
+    if !as_nobody {
+        println!("    (not root, or no user nobody: --user is not tried)");
+    }
+    let set = rustix::thread::sched_getaffinity(None).expect("sched_getaffinity");
+    let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&c| set.is_set(c))
+        .collect();
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    let want_nofile = rl.rlim_cur.max(8192.min(rl.rlim_max));
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--workers",
+        "2",
+        "--cpu-affinity",
+        "auto",
+        "--nofile",
+        "8192",
+    ];
+    if as_nobody {
+        args.extend(["--user", "nobody"]);
+    }
+    let child = start("hello", &args);
+    let primary = child.id() as i32;
+    // Both workers answer (round-robin), each from the pid it names.
+    let mut seen = std::collections::BTreeMap::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 && Instant::now() < end {
+        let (_, body) = get(&mut connect(port), "Connection: close\r\n");
+        let (id, pid) = parse_hello(&body);
+        seen.insert(id, pid);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (&id, &pid) in &seen {
+        assert!(util::children_of(primary).contains(&pid), "{pid}");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
+        assert_eq!(comm.trim_end(), format!("fc-worker-{id}"));
+        let cpu = cpus[(id as usize - 1) % cpus.len()];
+        assert_eq!(
+            status_of(pid, "Cpus_allowed_list"),
+            cpu.to_string(),
+            "worker {id}"
+        );
+        if let Some(u) = &nobody {
+            assert_eq!(
+                status_of(pid, "Uid"),
+                format!("{u} {u} {u} {u}"),
+                "worker {id}"
+            );
+        }
+    }
+    if as_nobody {
+        // The primary is still root.
+        assert!(status_of(primary, "Uid").starts_with("0 0 0"));
+    }
+    // SAFETY: kill has no memory preconditions; the pid is this test's child.
+    assert_eq!(unsafe { libc::kill(primary, libc::SIGTERM) }, 0);
+    let out = finish(child, Duration::from_secs(20));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        lines_with(&stderr, "open files: up to "),
+        vec![format!("open files: up to {want_nofile} per process").as_str()],
+        "{stderr}"
+    );
 }

@@ -164,6 +164,21 @@ impl Primary {
         self.dispatch.listeners.iter().map(|l| &l.addr)
     }
 
+    /// The soft `RLIMIT_NOFILE` of the primary, and so of every worker, as set when the cluster
+    /// started: what [`Builder::nofile_limit`](crate::Builder::nofile_limit) got (capped at the
+    /// hard limit), or the inherited limit when it was not asked for. `None` means unlimited.
+    ///
+    /// ```no_run
+    /// let primary = forkcluster::Cluster::builder()
+    ///     .nofile_limit(65536)
+    ///     .start(|_worker| {})?;
+    /// eprintln!("open files: up to {:?} per process", primary.nofile_limit());
+    /// # Ok::<(), forkcluster::Error>(())
+    /// ```
+    pub fn nofile_limit(&self) -> Option<u64> {
+        self.settings.deploy.nofile
+    }
+
     /// Counters of the whole cluster: forks, exits, crashes, backoffs, hung and recycled workers,
     /// restarts, protocol errors, connections handed out. Per-worker counters are in
     /// [`workers`](Self::workers). Neither allocates.

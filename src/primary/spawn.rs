@@ -1,6 +1,7 @@
 //! Forking one worker: its channel (with the in-flight bound and the primary's duplicate of
 //! the worker's end), its counters, the fork, and in the child everything between `fork` and
-//! the worker function: die with the primary, reset signals, keep only the worker's own fds.
+//! the worker function: die with the primary, reset signals, keep only the worker's own fds,
+//! then name, pin and (when asked) drop privileges (`deploy`).
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
@@ -150,6 +151,9 @@ impl Primary {
             })
             .collect::<Vec<(Option<OwnedFd>, Family, ListenAddr)>>();
         self.epoll = None;
+        // Name, CPU, and the privilege drop (verified; a failed drop exits here): before any
+        // application code, and before the environment and the worker handle are made.
+        self.settings.deploy.enter(id, slot, self.me);
         for (k, v) in self.settings.env.iter() {
             std::env::set_var(k, v);
         }
