@@ -278,7 +278,8 @@ impl Builder {
         self
     }
 
-    /// Fast stop: how long after SIGTERM before SIGKILL (default 1 s).
+    /// Fast stop: how long after SIGTERM before SIGKILL (default 1 s). (A worker that breaks
+    /// the protocol is killed at once, whatever this says.)
     pub fn fast_timeout(mut self, d: Duration) -> Self {
         self.sup.fast_timeout = d;
         self
@@ -290,9 +291,11 @@ impl Builder {
         self
     }
 
-    /// A worker whose heartbeat does not move for `d` while it is busy gets SIGABRT, then
-    /// SIGKILL a second later, and is replaced (default off). Workers beat on every
-    /// [`Worker::next`]/[`Worker::try_next`] and [`Worker::heartbeat`].
+    /// A worker whose heartbeat does not move for `d` while it is busy, or while hand-offs
+    /// wait in its queue (a stopped or wedged worker whose last beat said idle), gets SIGABRT,
+    /// then SIGKILL a second later, and is replaced (default off). Workers beat on every
+    /// [`Worker::next`](crate::Worker::next)/[`Worker::try_next`](crate::Worker::try_next) and
+    /// [`Worker::heartbeat`](crate::Worker::heartbeat).
     pub fn hang_timeout(mut self, d: Duration) -> Self {
         self.sup.hang_timeout = Some(d);
         self

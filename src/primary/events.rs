@@ -163,7 +163,7 @@ pub enum Event<'a> {
         /// The error.
         error: Error,
     },
-    /// The timeout given to [`Primary::next_event_timeout`] passed with nothing to report.
+    /// The timeout given to [`Primary::next_event_timeout`](crate::Primary::next_event_timeout) passed with nothing to report.
     Idle,
 }
 

@@ -1,8 +1,9 @@
 //! Frames from a worker: read them (a bounded number per wakeup), check each against what a
 //! worker may send in its state, and turn it into an event, a state change or a protocol error.
 //!
-//! Fairness: at most [`FRAME_BUDGET`] frames of one worker are handled per `epoll_wait` round,
-//! messages included (each returned to the application counts), before the listeners, the
+//! Fairness: at most [`FRAME_BUDGET`] frames of one worker, an fd counting as a frame, are
+//! handled per `epoll_wait` round, messages included (each returned to the application
+//! counts), before the listeners, the
 //! signalfd, the ticks and the other workers get their turn. One worker flooding its channel
 //! therefore delays the others by at most that many frames per round.
 //!
@@ -22,8 +23,9 @@ use crate::channel::{Received, Taken};
 use crate::error::Error;
 use crate::frame::{self, Kind, MAX_FDS};
 
-/// Frames read from one worker per wakeup before the loop looks at other fds.
-const FRAME_BUDGET: usize = 64;
+/// Frames (and fds: each counts as one) read from one worker per `epoll_wait` round before the
+/// loop looks at other fds.
+const FRAME_BUDGET: usize = 32;
 
 /// What one frame from a worker means, given what the primary knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +126,12 @@ impl Primary {
                 len,
                 fds,
             } = match got {
-                Ok(Some(t)) => t,
+                Ok(Some(t)) => {
+                    // An fd costs the primary about what a frame does (installing it, and the
+                    // application closing it): each counts against the budget.
+                    self.frames += t.fds.len();
+                    t
+                }
                 Ok(None) => {
                     // A dead worker's channel is closed once everything it sent was read.
                     if self.table.get(slot).is_some_and(|w| w.status.is_some()) {

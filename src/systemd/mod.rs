@@ -19,7 +19,7 @@
 //! `sendto`: no allocation, and a service manager that does not read its socket can never
 //! stall the primary (the error comes back and may be ignored).
 //!
-//! See `docs/systemd.md` for a unit file pair and what each variable does.
+//! README's "Deployment under systemd" has a unit file pair and what each variable does.
 
 use std::ffi::OsStr;
 use std::net::TcpListener;
