@@ -253,3 +253,19 @@ pub fn content_length(head: &str) -> Option<usize> {
             .then(|| v.trim().parse().ok())?
     })
 }
+
+/// Whether this test runs under qemu-user, found from the kernel's view of the executable.
+///
+/// qemu answers `/proc/self/exe` with the guest program, but not the same link reached through
+/// the task directory, which still names the qemu binary the kernel runs. On a real kernel the
+/// two agree and name the test binary.
+pub fn under_qemu() -> bool {
+    let pid = std::process::id();
+    std::fs::read_link(format!("/proc/self/task/{pid}/exe"))
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("qemu-"))
+        })
+        .unwrap_or(false)
+}
