@@ -295,12 +295,13 @@ impl Examples {
             .to_path_buf();
         let is_target_dir = |d: &Path| d.join("CACHEDIR.TAG").is_file();
         let up = profile_dir.parent();
+        // The outer level first: cargo writes a `CACHEDIR.TAG` into `<target dir>/<triple>` too.
         let (target_dir, triple) = match (up, up.and_then(Path::parent)) {
-            (Some(t), _) if is_target_dir(t) => (Some(t.to_path_buf()), None),
             (Some(tr), Some(t)) if is_target_dir(t) => (
                 Some(t.to_path_buf()),
                 tr.file_name().map(|n| n.to_string_lossy().into_owned()),
             ),
+            (Some(t), _) if is_target_dir(t) => (Some(t.to_path_buf()), None),
             _ => (None, None),
         };
         Examples {
@@ -359,6 +360,23 @@ impl Examples {
             path.is_file(),
             "{} not found: build it with `cargo build --examples` (plain `cargo test` does)",
             path.display()
+        );
+        // An example built for another machine than this test (a host build left in a
+        // cross-target directory) would make the tests pass for the wrong binary.
+        let machine = |p: &std::path::Path| {
+            let mut head = [0u8; 20];
+            std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .map(|()| (head[4], head[5], [head[18], head[19]]))
+                .unwrap_or_else(|e| panic!("read the ELF header of {}: {e}", p.display()))
+        };
+        let exe = std::env::current_exe().expect("current_exe");
+        assert_eq!(
+            machine(&path),
+            machine(&exe),
+            "{} is not built for the machine of {} (ELF class, byte order, machine)",
+            path.display(),
+            exe.display()
         );
         let runner = self.triple.as_ref().and_then(|t| {
             let var = format!(
