@@ -78,7 +78,11 @@ fn fresh_child_task_count() -> Option<usize> {
     if pid == 0 {
         exit_now(task_count().min(255) as i32);
     }
-    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    if pid < 0 {
+        return None;
+    }
+    // A pid from clone fits in a pid_t.
+    let pid = rustix::process::Pid::from_raw(pid as libc::pid_t)?;
     loop {
         match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
             Ok(Some((_, st))) => return st.exit_status().map(|c| c as usize),
