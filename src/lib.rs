@@ -114,6 +114,17 @@
 //!   those the primary uses, and an empty signal mask. Rust's runtime ignores SIGPIPE, so workers
 //!   do too.
 //! * Messages are bounded ([`frame::MAX_PAYLOAD`]); larger data travels as a file descriptor.
+//! * The single-thread check counts the entries of `/proc/self/task`. A user-mode emulator shows
+//!   its own threads there too (qemu-user runs a helper thread in every process), so when the
+//!   count is above one, [`Builder::start`] compares it with what a child forked at that moment
+//!   counts: fork copies only the calling thread, so on a real kernel that child always sees
+//!   one and the check stays exactly "one thread"; under qemu the child has the emulator's
+//!   threads too, and only threads beyond those refuse the start. If that child cannot be
+//!   forked or reaped (no processes left, `SIGCHLD` ignored), the plain count decides.
+//! * Under qemu-user, a datagram carrying more than [`frame::MAX_FDS`] fds leaves the surplus
+//!   open in the receiving process: qemu hands the kernel a larger control buffer than the
+//!   program's and does not close the fds that do not fit back. A real kernel never installs
+//!   them, and the channel closes every fd it does not return.
 #![deny(unsafe_code, missing_docs)]
 
 pub mod channel;

@@ -7,6 +7,7 @@
 //! | function | wraps | why it is here |
 //! |---|---|---|
 //! | [`fork`] | `fork(2)` | `rustix` does not expose a process-level fork |
+//! | [`thread_count`] | `clone(2)` | a fork that skips atfork handlers, to tell an emulator's threads apart |
 //! | [`SignalSet`] | `sigprocmask(2)`, `signalfd(2)` | not in `rustix` outside its `runtime` module |
 //! | [`SharedPages`] | `mmap(MAP_SHARED \| MAP_ANONYMOUS)`, `munmap` | turning the mapping into `&[AtomicU32]`; unmapping the other workers' pages in a child |
 //! | [`exit_now`] | `_exit(2)` | leave a forked child without running the parent's exit handlers |
@@ -34,11 +35,64 @@ pub(crate) enum Forked {
     Child,
 }
 
-/// Counts this process's threads: procfs gives `/proc/self/task` a link count of 2 plus the
+/// Counts this program's threads: procfs gives `/proc/self/task` a link count of 2 plus the
 /// number of threads (one `stat`, no directory walk). 1 when procfs is not mounted.
+///
+/// A user-mode emulator (qemu-user) runs threads of its own in the process, and they show in
+/// `/proc/self/task` too. So when the count is above 1, a freshly forked child counts its own:
+/// fork copies only the calling thread, so on a real kernel the child always sees 1 and the
+/// count stands as it is; whatever the child sees beyond 1 are the emulator's threads (qemu
+/// starts its helper thread again in the child), and they are taken off. When the child cannot
+/// be forked or reaped, the count stands.
 pub(crate) fn thread_count() -> usize {
+    let n = task_count();
+    if n <= 1 {
+        return n;
+    }
+    match fresh_child_task_count() {
+        Some(base) if base > 1 => n.saturating_sub(base - 1).max(1),
+        _ => n,
+    }
+}
+
+/// The threads procfs lists for this process, its own and any an emulator runs in it.
+fn task_count() -> usize {
     rustix::fs::stat("/proc/self/task")
         .map_or(1, |st| (st.st_nlink as usize).saturating_sub(2).max(1))
+}
+
+/// [`task_count`] as seen by a child forked now, which has exactly one thread of this program.
+///
+/// The child comes from a raw `clone(SIGCHLD)`, which is `fork` without the C library's atfork
+/// handlers (one of them could start a thread in the child and hide a real thread here), and it
+/// does nothing but one `stat` and `_exit`, both plain system calls, so the locks other threads
+/// may hold at the fork do not matter.
+fn fresh_child_task_count() -> Option<usize> {
+    // s390x takes clone's stack before its flags; the other Linux ports take the flags first.
+    #[cfg(target_arch = "s390x")]
+    let (a, b): (libc::c_long, libc::c_long) = (0, libc::SIGCHLD as libc::c_long);
+    #[cfg(not(target_arch = "s390x"))]
+    let (a, b): (libc::c_long, libc::c_long) = (libc::SIGCHLD as libc::c_long, 0);
+    let zero: libc::c_long = 0;
+    // SAFETY: clone without CLONE_VM and with a null stack is fork: the child runs on a copy of
+    // this process's memory, so every pointer stays valid, and it only makes system calls that
+    // are async-signal-safe (`stat` with a path on the stack, `_exit`) before it leaves.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, a, b, zero, zero, zero) };
+    if pid == 0 {
+        exit_now(task_count().min(255) as i32);
+    }
+    if pid < 0 {
+        return None;
+    }
+    // A pid from clone fits in a pid_t.
+    let pid = rustix::process::Pid::from_raw(pid as libc::pid_t)?;
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, st))) => return st.exit_status().map(|c| c as usize),
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return None,
+        }
+    }
 }
 
 /// The number of CPUs this process may run on (`sched_getaffinity`, what `nproc` prints).

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use forkcluster::frame::{self, FrameError, MAX_FDS, MAX_PAYLOAD};
@@ -57,11 +57,12 @@ fn main() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A counting allocator: every alloc, alloc_zeroed and realloc in this process.
+// A counting allocator: every alloc, alloc_zeroed and realloc in this process (an AtomicUsize:
+// powerpc and other 32-bit targets have no 64-bit atomics).
 
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards every call to the system allocator unchanged; the counter is an atomic.
 unsafe impl GlobalAlloc for Counting {
@@ -86,7 +87,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn allocs() -> u64 {
-    ALLOCS.load(Ordering::Relaxed)
+    ALLOCS.load(Ordering::Relaxed) as u64
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,20 +1,21 @@
 //! The examples, run as real processes: their output, exit status and clean-up.
 //!
 //! `cargo test --test examples` does not build examples, so `main` first runs
-//! `cargo build --examples` for this test binary's profile and target directory; the binaries
-//! are then found next to it (`target/<profile>/examples/`).
+//! `cargo build --examples` for this test binary's profile, target directory and `--target`
+//! triple; the binaries are then found next to it (`target/[<triple>/]<profile>/examples/`) and
+//! run through the triple's runner when `CARGO_TARGET_<TRIPLE>_RUNNER` names one (qemu-user).
 
 mod util;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
     if !std::env::args().any(|a| a == "--list") {
-        build_examples();
+        util::Examples::locate().build(&[]);
     }
     util::run(tests![
         lifecycle,
@@ -28,42 +29,17 @@ fn main() {
 
 // ----- helpers ---------------------------------------------------------------------------------
 
-/// `target/<profile>`: the test binary is `target/<profile>/deps/examples-<hash>`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps")
-        .to_path_buf()
-}
-
-fn build_examples() {
-    let dir = profile_dir();
-    let profile = match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(p) => p.to_string(),
-    };
-    let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .args(["build", "--quiet", "--examples", "--profile", &profile])
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(dir.parent().expect("target dir"))
-        .status()
-        .expect("run cargo build --examples");
-    assert!(status.success(), "cargo build --examples failed: {status}");
-}
-
-/// Starts example `name` with its stdout and stderr piped.
+/// Starts example `name` (built for this binary's target, through its runner) with its stdout
+/// and stderr piped.
 fn start(name: &str, args: &[&str]) -> Child {
-    let path = profile_dir().join("examples").join(name);
-    Command::new(&path)
+    let ex = util::Examples::locate();
+    ex.command(name)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", path.display()))
+        .unwrap_or_else(|e| panic!("start {}: {e}", ex.path(name).display()))
 }
 
 /// Waits for the example to exit within `limit` and returns its output; on timeout kills it

@@ -712,40 +712,23 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// `target/<profile>/examples/hello`, next to this test's `target/<profile>/deps/`. Under cargo
-/// (`CARGO` set) it is built first (a no-op when fresh): `cargo test --test supervision` alone
-/// does not build examples.
-fn hello_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = profile_dir.join("examples").join("hello");
-    let target_dir = profile_dir.parent().unwrap();
-    if let (Some(cargo), true) = (
-        std::env::var_os("CARGO"),
-        target_dir.join("CACHEDIR.TAG").exists(),
-    ) {
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "--example", "hello", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build --example hello");
-        assert!(st.success(), "cargo build --example hello failed: {st}");
-    }
-    assert!(
-        bin.is_file(),
-        "{} not found: build it with `cargo build --example hello` (plain `cargo test` does)",
-        bin.display()
-    );
-    bin
+/// A command that runs the `hello` example built for this binary's target and profile
+/// (`target/[<triple>/]<profile>/examples/hello`), through the target's runner when one is set,
+/// tied to the test. Under cargo it is built first (a no-op when fresh): `cargo test --test
+/// supervision` alone does not build examples.
+fn hello_command() -> Command {
+    let ex = util::Examples::locate();
+    ex.build(&["hello"]);
+    tie(ex.command("hello"))
 }
 
 /// A command whose process dies with the test (`PR_SET_PDEATHSIG`).
 fn tied(path: &std::path::Path) -> Command {
-    let mut c = Command::new(path);
+    tie(Command::new(path))
+}
+
+/// `c`, made to die with the test (`PR_SET_PDEATHSIG`), with stdin from /dev/null.
+fn tie(mut c: Command) -> Command {
     unsafe {
         c.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -825,13 +808,12 @@ fn rolling_restart_under_load_drops_nothing() {
     let wrk = which("wrk").unwrap_or_else(|| {
         panic!("wrk is not installed (needed for the rolling restart test): apt-get install wrk")
     });
-    let hello = hello_bin();
     let tmp = TempDir::new();
     let dir = &tmp.0;
     let log = dir.join("hello.err");
     let port = free_port();
     let mut server = Spawned(Some(
-        tied(&hello)
+        hello_command()
             .args(["--listen", &format!("127.0.0.1:{port}"), "--workers", "2"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -1148,12 +1130,11 @@ fn emfile_flood_pauses_accept_without_spinning() {
 /// with 64 fds. A worker out of fds must pause accepting (not fail, which would drop every
 /// connection it serves, and not spin), and take connections again once it has fds.
 fn shared_emfile_flood_pauses_worker_accept() {
-    let hello = hello_bin();
     let tmp = TempDir::new();
     let dir = &tmp.0;
     let log = dir.join("hello-emfile.err");
     let port = free_port();
-    let mut cmd = tied(&hello);
+    let mut cmd = hello_command();
     unsafe {
         cmd.pre_exec(|| {
             let lim = libc::rlimit {

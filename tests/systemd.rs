@@ -21,7 +21,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use forkcluster::systemd::{self, Lifecycle, Notifier, SocketFamily, SocketKind};
@@ -54,11 +54,12 @@ fn main() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A counting allocator: every alloc, alloc_zeroed and realloc in this process.
+// A counting allocator: every alloc, alloc_zeroed and realloc in this process (an AtomicUsize:
+// powerpc and other 32-bit targets have no 64-bit atomics).
 
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards every call to the system allocator unchanged; the counter is an atomic.
 unsafe impl GlobalAlloc for Counting {

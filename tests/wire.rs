@@ -1124,6 +1124,8 @@ struct Hostile {
     spare: Vec<OwnedFd>,
     cases: usize,
     errors: std::collections::BTreeMap<String, usize>,
+    /// Under qemu-user: the cases with more than `MAX_FDS` fds, whose fd count is not checked.
+    qemu: Option<usize>,
 }
 
 impl Hostile {
@@ -1139,6 +1141,7 @@ impl Hostile {
             spare,
             cases: 0,
             errors: Default::default(),
+            qemu: util::under_qemu().then_some(0),
         }
     }
 
@@ -1176,7 +1179,13 @@ impl Hostile {
                 got.map(|r| r.map(|r| r.frame))
             ),
         }
-        assert_eq!(util::fd_count(), before, "{}: fd leaked", what());
+        match &mut self.qemu {
+            // qemu-user hands the kernel a control buffer twice the size of the guest's and
+            // leaves open the fds that do not fit back into the guest's: its leak, not the
+            // channel's, and only with more fds than the buffer holds. Real kernels check it.
+            Some(unchecked) if nfds > MAX_FDS => *unchecked += 1,
+            _ => assert_eq!(util::fd_count(), before, "{}: fd leaked", what()),
+        }
         self.still_works();
         self.cases += 1;
     }
@@ -1207,6 +1216,12 @@ impl Hostile {
 
     fn report(&self, min_cases: usize) {
         println!("    {} cases: {:?}", self.cases, self.errors);
+        if let Some(n) = self.qemu.filter(|&n| n > 0) {
+            println!(
+                "    under qemu-user: fd leaks not checked in the {n} cases with more than \
+                 {MAX_FDS} fds (qemu leaves open the fds beyond the guest's control buffer)"
+            );
+        }
         assert!(self.cases >= min_cases, "{} cases", self.cases);
     }
 }
@@ -1565,28 +1580,91 @@ fn peer_closes_mid_stream() {
     assert_eq!(util::fd_count(), before - 1);
 }
 
-/// Waits until process `pid` is blocked in system call `nr` (`/proc/PID/syscall`). The test's
-/// time limit bounds the wait.
-fn wait_in_syscall(pid: i32, nr: libc::c_long) {
+/// A socket call a process can be blocked in.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SockCall {
+    Recv,
+    Send,
+}
+
+/// Waits until process `pid` is blocked in `call` on its socket `fd`, as `/proc/PID/syscall`
+/// shows it (the number, then the arguments). The test's time limit bounds the wait.
+fn wait_in_syscall(pid: i32, call: SockCall, fd: i32) {
+    let qemu = util::under_qemu();
     loop {
         if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) {
-            if s.split_whitespace()
+            let mut f = s.split_whitespace();
+            let nr = f.next().and_then(|t| t.parse::<libc::c_long>().ok());
+            let arg0 = f
                 .next()
-                .and_then(|t| t.parse::<libc::c_long>().ok())
-                == Some(nr)
-            {
-                return;
+                .and_then(|t| u64::from_str_radix(t.trim_start_matches("0x"), 16).ok());
+            if let (Some(nr), Some(arg0)) = (nr, arg0) {
+                if blocked_in(nr, arg0, call, fd, qemu) && sleeping(pid) {
+                    return;
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
 
+/// Whether system call `nr` with first argument `arg0` is `call` on `fd`:
+/// * `recvmsg`/`sendmsg(fd, ..)`, the usual way;
+/// * `socketcall(SYS_RECVMSG/SYS_SENDMSG, args)` on the architectures that have the multiplexer
+///   (rustix makes every socket call through it on 32-bit x86, so i686 shows 102, never 372);
+/// * under qemu-user, which makes the call as a host system call, numbered for the host's
+///   architecture rather than the target's: the call with `fd` (qemu passes guest fds through
+///   unchanged) as its first argument, whatever its number.
+fn blocked_in(nr: libc::c_long, arg0: u64, call: SockCall, fd: i32, qemu: bool) -> bool {
+    let direct = match call {
+        SockCall::Recv => libc::SYS_recvmsg,
+        SockCall::Send => libc::SYS_sendmsg,
+    };
+    if (nr == direct || qemu) && arg0 == fd as u64 {
+        return true;
+    }
+    #[cfg(any(
+        target_arch = "x86",
+        target_arch = "mips",
+        target_arch = "powerpc",
+        target_arch = "powerpc64",
+        target_arch = "s390x",
+        target_arch = "sparc",
+        target_arch = "sparc64",
+        target_arch = "m68k"
+    ))]
+    {
+        // <linux/net.h>
+        const SYS_SENDMSG: u64 = 16;
+        const SYS_RECVMSG: u64 = 17;
+        let sub = match call {
+            SockCall::Recv => SYS_RECVMSG,
+            SockCall::Send => SYS_SENDMSG,
+        };
+        if nr == libc::SYS_socketcall && arg0 == sub {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether process `pid` is asleep (state `S` in `/proc/PID/stat`), not merely passing through
+/// a system call.
+fn sleeping(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            == Some("S")
+    })
+}
+
 fn peer_closes_while_receiver_blocks() {
     let (rx, tx) = Channel::pair().unwrap();
+    let rx_fd = rx.as_raw_fd();
     let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
-        wait_in_syscall(parent, libc::SYS_recvmsg);
+        wait_in_syscall(parent, SockCall::Recv, rx_fd);
         drop(tx);
         0
     }));
@@ -1673,9 +1751,10 @@ fn install_usr1_without_restart() -> std::fs::File {
     std::fs::File::from(r)
 }
 
-/// Signals `pid` with SIGUSR1 once it is blocked in `nr`, and waits until its handler ran.
-fn interrupt(pid: i32, nr: libc::c_long, notified: &mut std::fs::File) {
-    wait_in_syscall(pid, nr);
+/// Signals `pid` with SIGUSR1 once it is blocked in `call` on `fd`, and waits until its handler
+/// ran.
+fn interrupt(pid: i32, call: SockCall, fd: i32, notified: &mut std::fs::File) {
+    wait_in_syscall(pid, call, fd);
     // SAFETY: kill has no memory preconditions; `pid` is our parent.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
     let mut b = [0u8; 1];
@@ -1685,9 +1764,10 @@ fn interrupt(pid: i32, nr: libc::c_long, notified: &mut std::fs::File) {
 fn recv_survives_eintr() {
     let mut notified = install_usr1_without_restart();
     let (a, b) = Channel::pair().unwrap();
+    let a_fd = a.as_raw_fd();
     let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
-        interrupt(parent, libc::SYS_recvmsg, &mut notified);
+        interrupt(parent, SockCall::Recv, a_fd, &mut notified);
         b.send(&Frame::new(Kind::Message, 42, b"after the signal"), &[])
             .unwrap();
         0
@@ -1717,9 +1797,10 @@ fn send_survives_eintr() {
     {
         sent += 1;
     }
+    let a_fd = a.as_raw_fd();
     let parent = std::process::id() as i32;
     let child = util::KillOnDrop(util::fork_child(|| {
-        interrupt(parent, libc::SYS_sendmsg, &mut notified);
+        interrupt(parent, SockCall::Send, a_fd, &mut notified);
         // Drain everything, including the frame whose send was interrupted.
         let mut buf = RecvBuf::new();
         for i in 0..=sent {

@@ -105,6 +105,10 @@ impl Notifier {
             None,
         )
         .call("socket")?;
+        // rustix looks up the vDSO's clock_gettime on its first use, and where the kernel lacks
+        // PR_GET_AUXV (before Linux 6.4, and under qemu-user) it reads /proc/self/auxv into a
+        // Vec to do so: once, here, so that no notification allocates.
+        let _ = monotonic_usec();
         Ok(Notifier {
             fd,
             addr,

@@ -253,3 +253,146 @@ pub fn content_length(head: &str) -> Option<usize> {
             .then(|| v.trim().parse().ok())?
     })
 }
+
+/// Whether this test runs under qemu-user, found from the kernel's view of the executable.
+///
+/// qemu answers `/proc/self/exe` with the guest program, but not the same link reached through
+/// the task directory, which still names the qemu binary the kernel runs. On a real kernel the
+/// two agree and name the test binary.
+pub fn under_qemu() -> bool {
+    let pid = std::process::id();
+    std::fs::read_link(format!("/proc/self/task/{pid}/exe"))
+        .ok()
+        .and_then(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().starts_with("qemu-"))
+        })
+        .unwrap_or(false)
+}
+
+/// Where this test binary was built, and so where the examples built for the same target and
+/// profile live: `<target dir>/[<triple>/]<profile dir>/deps/<test>-<hash>`. The `<triple>`
+/// level is there when cargo was given `--target` (cross-testing), and then the examples are
+/// built for that triple and run through its runner.
+pub struct Examples {
+    /// The cargo target directory (it holds `CACHEDIR.TAG`), when the binary is in one.
+    pub target_dir: Option<std::path::PathBuf>,
+    /// The `--target` triple, when the binary was built for one.
+    pub triple: Option<String>,
+    /// `<target dir>/[<triple>/]<profile dir>`.
+    pub profile_dir: std::path::PathBuf,
+}
+
+impl Examples {
+    /// Finds the layout from this test binary's path.
+    pub fn locate() -> Examples {
+        use std::path::Path;
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in <profile dir>/deps")
+            .to_path_buf();
+        let is_target_dir = |d: &Path| d.join("CACHEDIR.TAG").is_file();
+        let up = profile_dir.parent();
+        // The outer level first: cargo writes a `CACHEDIR.TAG` into `<target dir>/<triple>` too.
+        let (target_dir, triple) = match (up, up.and_then(Path::parent)) {
+            (Some(tr), Some(t)) if is_target_dir(t) => (
+                Some(t.to_path_buf()),
+                tr.file_name().map(|n| n.to_string_lossy().into_owned()),
+            ),
+            (Some(t), _) if is_target_dir(t) => (Some(t.to_path_buf()), None),
+            _ => (None, None),
+        };
+        Examples {
+            target_dir,
+            triple,
+            profile_dir,
+        }
+    }
+
+    /// Builds the examples `names` (all of them when empty) with cargo, for this binary's target
+    /// and profile, into its target directory; a no-op when they are fresh. Nothing happens
+    /// outside a cargo target directory (the binaries must then be there already).
+    pub fn build(&self, names: &[&str]) {
+        let Some(target_dir) = &self.target_dir else {
+            return;
+        };
+        let profile = match self.profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(p) => p.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO")
+            .or_else(|| option_env!("CARGO").map(Into::into))
+            .unwrap_or_else(|| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "--profile", &profile])
+            .arg("--manifest-path")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir)
+            .stdin(std::process::Stdio::null());
+        if names.is_empty() {
+            cmd.arg("--examples");
+        }
+        for n in names {
+            cmd.args(["--example", n]);
+        }
+        if let Some(t) = &self.triple {
+            cmd.args(["--target", t]);
+        }
+        let st = cmd.status().expect("run cargo build for the examples");
+        assert!(st.success(), "cargo build {names:?} failed: {st}");
+    }
+
+    /// The path of example `name`.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.profile_dir.join("examples").join(name)
+    }
+
+    /// A command that runs example `name`: through the target's runner when the environment
+    /// names one (`CARGO_TARGET_<TRIPLE>_RUNNER`, split on whitespace as cargo does, e.g.
+    /// `qemu-aarch64 -L /usr/aarch64-linux-gnu`), else directly. The runner execs the program
+    /// in the same process, so the child's pid is the example's.
+    pub fn command(&self, name: &str) -> std::process::Command {
+        let path = self.path(name);
+        assert!(
+            path.is_file(),
+            "{} not found: build it with `cargo build --examples` (plain `cargo test` does)",
+            path.display()
+        );
+        // An example built for another machine than this test (a host build left in a
+        // cross-target directory) would make the tests pass for the wrong binary.
+        let machine = |p: &std::path::Path| {
+            let mut head = [0u8; 20];
+            std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .map(|()| (head[4], head[5], [head[18], head[19]]))
+                .unwrap_or_else(|e| panic!("read the ELF header of {}: {e}", p.display()))
+        };
+        let exe = std::env::current_exe().expect("current_exe");
+        assert_eq!(
+            machine(&path),
+            machine(&exe),
+            "{} is not built for the machine of {} (ELF class, byte order, machine)",
+            path.display(),
+            exe.display()
+        );
+        let runner = self.triple.as_ref().and_then(|t| {
+            let var = format!(
+                "CARGO_TARGET_{}_RUNNER",
+                t.to_uppercase().replace(['-', '.'], "_")
+            );
+            std::env::var(var).ok()
+        });
+        let mut words = runner.iter().flat_map(|r| r.split_whitespace());
+        match words.next() {
+            Some(prog) => {
+                let mut c = std::process::Command::new(prog);
+                c.args(words).arg(path);
+                c
+            }
+            None => std::process::Command::new(path),
+        }
+    }
+}
