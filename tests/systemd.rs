@@ -1320,9 +1320,9 @@ fn notifies_start_hup_term(tag: &str, prog: PathBuf, prog_args: &[&str], good: f
     );
 
     // SIGHUP: a rolling restart between RELOADING=1 and READY=1.
+    let before = mono_usec();
     // SAFETY (test code): signalling the child we started.
     unsafe { libc::kill(a.pid(), libc::SIGHUP) };
-    let before = mono_usec();
     let reload = collect_until(&sock, &mut pings, |m| m == "READY=1");
     let r: Vec<&String> = reload
         .iter()

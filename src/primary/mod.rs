@@ -58,7 +58,6 @@ const LISTENER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// tables are made in full at start (about 200 bytes and one page of address space per slot),
 /// so the limit is lower.
 pub(crate) const MAX_WORKERS: usize = 1 << 16;
-const _: () = assert!(MAX_WORKERS <= table::MAX_SLOTS);
 
 /// The primary process's handle on the cluster: the worker table and the event loop.
 ///

@@ -113,6 +113,7 @@ pub(crate) const MAX_SLOTS: usize = 1 << 24;
 /// The epoll token of a worker's channel: its slot, and the slot's generation so that an event
 /// for a worker that is gone never reaches the slot's next worker.
 pub(crate) fn worker_token(slot: usize, gen: u32) -> epoll::EventData {
+    debug_assert!(slot < MAX_SLOTS && super::MAX_WORKERS <= MAX_SLOTS);
     epoll::EventData::new_u64(TAG_WORKER | (gen as u64) << 24 | slot as u64)
 }
 
