@@ -1,9 +1,10 @@
 //! The builder: settings, listeners, and the fork of the first workers.
 
+use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::deploy::{self, Affinity, Groups, NameOrId};
@@ -87,6 +88,9 @@ pub struct Builder {
     env: Vec<(String, String)>,
     sup: Supervision,
     deploy: deploy::Options,
+    exec: Option<PathBuf>,
+    exec_args: Vec<OsString>,
+    exec_cwd: Option<PathBuf>,
 }
 
 /// Entry point: `Cluster::builder()`.
@@ -109,6 +113,9 @@ impl Cluster {
             env: Vec::new(),
             sup: Supervision::default(),
             deploy: deploy::Options::default(),
+            exec: None,
+            exec_args: Vec::new(),
+            exec_cwd: None,
         }
     }
 }
@@ -317,16 +324,149 @@ impl Builder {
         self
     }
 
+    /// Workers `execve` this program instead of running a worker function (Node's
+    /// `setupPrimary({ exec })`); start the cluster with [`start_exec`](Self::start_exec),
+    /// where the details are. A relative path is taken from the primary's working directory
+    /// when the cluster starts.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().exec("/usr/local/bin/my-worker");
+    /// # drop(b);
+    /// ```
+    pub fn exec(mut self, program: impl Into<PathBuf>) -> Self {
+        self.exec = Some(program.into());
+        self
+    }
+
+    /// The arguments the [`exec`](Self::exec)'d program gets after its `argv[0]` (which is its
+    /// path; Node's `args`). Default: none.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder()
+    ///     .exec("/usr/local/bin/my-worker")
+    ///     .exec_args(["--port-name", "web"]);
+    /// # drop(b);
+    /// ```
+    pub fn exec_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.exec_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The working directory of the [`exec`](Self::exec)'d program (Node's `cwd`; `chdir` in
+    /// the child, after the privilege drop, before `execve`; a failure is an exit with
+    /// [`EXIT_EXEC_FAILED`](crate::EXIT_EXEC_FAILED)). Default: the primary's.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder()
+    ///     .exec("/usr/local/bin/my-worker")
+    ///     .exec_cwd("/srv/app");
+    /// # drop(b);
+    /// ```
+    pub fn exec_cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.exec_cwd = Some(dir.into());
+        self
+    }
+
     /// Binds the listeners, forks the workers, and returns the primary.
     ///
     /// Each worker runs `worker` in its own process and exits with its result (see
     /// [`ExitCode`]); this call returns only in the primary. The process must be
     /// single-threaded: start the cluster before spawning threads.
+    ///
+    /// With [`exec`](Self::exec) set, this is an [`Error::Invalid`]: use
+    /// [`start_exec`](Self::start_exec).
     pub fn start<F, R>(self, mut worker: F) -> Result<Primary>
     where
         F: FnMut(crate::Worker) -> R + 'static,
         R: ExitCode,
     {
+        if self.exec.is_some() {
+            return Err(Error::Invalid(
+                "Builder::exec is set: the workers run that program; start with start_exec()",
+            ));
+        }
+        self.start_inner(Box::new(move |w| worker(w).code()), None)
+    }
+
+    /// Binds the listeners and forks the workers, each of which `execve`s the program of
+    /// [`exec`](Self::exec) (Node's `setupPrimary({ exec })` then `fork()`); returns the
+    /// primary. The program calls [`Worker::from_env`](crate::Worker::from_env) and serves
+    /// its worker as a forked worker would; it may be another binary than the primary's.
+    ///
+    /// The path is exec'd again at every fork, so a respawn or a rolling restart
+    /// ([`Primary::restart`], SIGHUP) runs the file that is at the path then: a new worker
+    /// binary is picked up without restarting the primary.
+    ///
+    /// Between `fork` and `execve` the child does what every worker does first (die with the
+    /// primary, reset signals, name, CPU, the privilege drop of [`user`](Self::user)), then
+    /// places its channel at fd [`EXEC_CHANNEL_FD`](crate::EXEC_CHANNEL_FD) (3) and, in the
+    /// shared schedule, the listeners at 4, 5, ..., closes every other fd above stderr, changes
+    /// to [`exec_cwd`](Self::exec_cwd) and execs, with the primary's environment, the
+    /// variables of [`env`](Self::env) and the `FORKCLUSTER_*` variables
+    /// [`Worker::from_env`](crate::Worker::from_env) reads. Nothing is allocated in the child:
+    /// the primary builds the arguments and environment before each fork. If the exec fails
+    /// (no such file, not executable, ...) the child writes one line on stderr and exits with
+    /// [`EXIT_EXEC_FAILED`](crate::EXIT_EXEC_FAILED) (127): a start-up crash, respawned with
+    /// backoff.
+    ///
+    /// Exec'd workers share no memory with the primary, so there is no heartbeat to watch:
+    /// [`hang_timeout`](Self::hang_timeout) is an [`Error::Invalid`] here, and so is
+    /// [`max_requests`](Self::max_requests) in the shared schedule (the workers' own accept
+    /// counts are not seen); in round-robin the primary counts the hand-offs itself.
+    ///
+    /// Without [`exec`](Self::exec), this is an [`Error::Invalid`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use forkcluster::Cluster;
+    ///
+    /// let mut primary = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse()?)
+    ///     .workers(2)
+    ///     .exec("/usr/local/bin/my-worker")
+    ///     .exec_args(["--verbose"])
+    ///     .exec_cwd("/srv/app")
+    ///     .start_exec()?;
+    /// while let Some(event) = primary.next_event()? {
+    ///     eprintln!("{event}");
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn start_exec(mut self) -> Result<Primary> {
+        let Some(path) = self.exec.take() else {
+            return Err(Error::Invalid(
+                "start_exec needs the program to exec: Builder::exec(path)",
+            ));
+        };
+        if self.sup.hang_timeout.is_some() {
+            return Err(Error::Invalid(
+                "hang_timeout needs the shared heartbeat page, which exec'd workers do not have",
+            ));
+        }
+        if self.sup.max_requests.is_some() && self.schedule == Schedule::Shared {
+            return Err(Error::Invalid(
+                "max_requests in the shared schedule needs the workers' shared counters, which exec'd workers do not have",
+            ));
+        }
+        let spec = crate::exec::ExecSpec::new(
+            path,
+            core::mem::take(&mut self.exec_args),
+            self.exec_cwd.take(),
+        )?;
+        // Never runs: the children exec instead.
+        self.start_inner(Box::new(|_| 1), Some(spec))
+    }
+
+    fn start_inner(
+        self,
+        worker_fn: crate::worker::WorkerFn,
+        exec: Option<crate::exec::ExecSpec>,
+    ) -> Result<Primary> {
         if crate::sys::thread_count() > 1 {
             return Err(Error::Invalid(
                 "start the cluster before spawning threads: fork needs a single-threaded process",
@@ -379,6 +519,7 @@ impl Builder {
             env: self.env,
             sup: self.sup,
             deploy,
+            exec,
         };
         let sd = if self.sd_notify {
             match crate::systemd::Notifier::from_env(true) {
@@ -391,13 +532,7 @@ impl Builder {
         } else {
             None
         };
-        Primary::start(
-            settings,
-            listeners,
-            n,
-            Box::new(move |w| worker(w).code()),
-            sd,
-        )
+        Primary::start(settings, listeners, n, worker_fn, sd)
     }
 }
 

@@ -164,6 +164,12 @@ fn cstring(s: &str, why: &'static str) -> Result<CString> {
 /// static binary several kilobytes (this runs once per start and once per worker, on a user's
 /// groups: at most 65536 of them).
 fn sort_dedup(v: &mut Vec<u32>) {
+    sort_in_place(v);
+    v.dedup();
+}
+
+/// The heapsort of [`sort_dedup`], in place, without allocating.
+fn sort_in_place(v: &mut [u32]) {
     fn sift_down(v: &mut [u32], mut root: usize, end: usize) {
         loop {
             let mut child = 2 * root + 1;
@@ -188,7 +194,6 @@ fn sort_dedup(v: &mut Vec<u32>) {
         v.swap(0, end);
         sift_down(v, 0, end);
     }
-    v.dedup();
 }
 
 /// `s` as a number when it is all ASCII digits.
@@ -493,13 +498,33 @@ fn drop_to(ids: &Ids) -> Result<()> {
             "the gids are not the group's after setresgid",
         ));
     }
-    let mut now: Vec<u32> = rustix::process::getgroups()
-        .call("getgroups")?
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect();
-    sort_dedup(&mut now);
-    if now != ids.groups {
+    // Read into the stack when the groups fit (no allocation: an exec'd worker drops its
+    // privileges between fork and exec), else into the heap.
+    let mut small = [0u32; 256];
+    let same = match sys::groups_into(&mut small)? {
+        Some(n) => {
+            let now = &mut small[..n];
+            sort_in_place(now);
+            let mut k = 0;
+            for i in 0..now.len() {
+                if i == 0 || now[i] != now[i - 1] {
+                    now[k] = now[i];
+                    k += 1;
+                }
+            }
+            now[..k] == ids.groups[..]
+        }
+        None => {
+            let mut now: Vec<u32> = rustix::process::getgroups()
+                .call("getgroups")?
+                .into_iter()
+                .map(|g| g.as_raw())
+                .collect();
+            sort_dedup(&mut now);
+            now == ids.groups
+        }
+    };
+    if !same {
         return Err(Error::Invalid(
             "the supplementary groups are not the ones set",
         ));

@@ -85,6 +85,7 @@
 //! | `primary::supervisor` | the supervision policy as a state machine without system calls: backoff, restarts, recycling, hung workers, kill timers |
 //! | `primary::events` | [`Event`], [`ClusterStats`] |
 //! | `cluster` | the builder |
+//! | `exec` | exec'd workers: the `execve` a forked child makes instead of the worker function ([`Builder::exec`]), and [`Worker::from_env`] in the program it runs |
 //! | [`systemd`] | socket activation (`LISTEN_FDS`) and `sd_notify` (`NOTIFY_SOCKET`, watchdog), without libsystemd |
 //! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared pages, `_exit` |
 //!
@@ -131,6 +132,7 @@ pub mod channel;
 mod cluster;
 mod deploy;
 mod error;
+mod exec;
 pub mod frame;
 mod heartbeat;
 mod listener;
@@ -143,6 +145,7 @@ mod worker;
 pub use cluster::{Builder, Cluster, ExitCode};
 pub use deploy::{Affinity, Groups, NameOrId, DEFAULT_WORKER_NAME, EXIT_PRIVSEP_FAILED};
 pub use error::{Error, Result};
+pub use exec::{EXEC_CHANNEL_FD, EXIT_EXEC_FAILED};
 pub use listener::ListenAddr;
 pub use primary::{ClusterStats, Event, Primary, State, WorkerInfo};
 pub use rustix::process::Signal;

@@ -67,4 +67,6 @@ pub(crate) struct Settings {
     pub(crate) sup: Supervision,
     /// The workers' user, CPUs, names and limits, resolved before the first fork.
     pub(crate) deploy: crate::deploy::Deploy,
+    /// `Some`: each worker execs this program instead of running the worker function.
+    pub(crate) exec: Option<crate::exec::ExecSpec>,
 }

@@ -4,7 +4,7 @@
 //! then name, pin and (when asked) drop privileges (`deploy`).
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use rustix::event::epoll;
@@ -55,11 +55,27 @@ impl Primary {
                 .call("fcntl(F_DUPFD_CLOEXEC)")?,
         );
         let id = self.table.next_id();
+        // An exec'd worker: everything the child needs, made here (it must not allocate).
+        let plan = self.settings.exec.as_ref().map(|spec| {
+            crate::exec::Plan::new(
+                spec,
+                id,
+                self.settings.schedule,
+                self.settings.nonblocking,
+                theirs.as_fd().as_raw_fd(),
+                &self.dispatch.listeners,
+                env,
+                &self.settings.env,
+            )
+        });
         self.board.clear(slot);
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
         match sys::fork()? {
             Forked::Child => {
+                if let Some(plan) = &plan {
+                    self.become_exec(id, slot, plan)
+                }
                 drop(mine);
                 // The primary's duplicate of this worker's end is not the worker's to hold.
                 drop(theirs_dup);
@@ -67,6 +83,7 @@ impl Primary {
             }
             Forked::Parent(pid) => {
                 drop(theirs);
+                drop(plan);
                 let max_conns = self.sup.forked(slot, id, Instant::now(), replaces, asked);
                 // From here on the child is in the table, whatever fails: it is reaped and
                 // its exit reported like any other.
@@ -110,6 +127,23 @@ impl Primary {
                 }
                 Ok(id)
             }
+        }
+    }
+
+    /// In the child of an exec'd worker, right after fork: the setup every worker gets first
+    /// (die with the primary, signals, name, CPU, privilege drop), then the exec (see
+    /// `sys::exec_worker`). Only async-signal-safe calls, no allocation and no drop: the
+    /// primary's fds are close-on-exec, and the exec replaces the rest.
+    fn become_exec(&self, id: u32, slot: usize, plan: &crate::exec::Plan) -> ! {
+        let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+        if rustix::process::getppid() != Some(self.me) {
+            sys::exit_now(1);
+        }
+        sys::reset_child_signals(&self.ignored);
+        self.settings.deploy.enter(id, slot, self.me);
+        match &self.settings.exec {
+            Some(spec) => plan.exec(spec),
+            None => sys::exit_now(crate::exec::EXIT_EXEC_FAILED),
         }
     }
 
