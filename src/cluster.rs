@@ -453,7 +453,7 @@ impl Builder {
                 "max_requests in the shared schedule needs the workers' shared counters, which exec'd workers do not have",
             ));
         }
-        let spec = crate::exec::ExecSpec::new(
+        let spec = crate::settings::ExecSpec::new(
             path,
             core::mem::take(&mut self.exec_args),
             self.exec_cwd.take(),
@@ -465,7 +465,7 @@ impl Builder {
     fn start_inner(
         self,
         worker_fn: crate::worker::WorkerFn,
-        exec: Option<crate::exec::ExecSpec>,
+        exec: Option<crate::settings::ExecSpec>,
     ) -> Result<Primary> {
         if crate::sys::thread_count() > 1 {
             return Err(Error::Invalid(

@@ -31,7 +31,6 @@
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::PathBuf;
 use std::rc::Rc;
 
 use arrayvec::ArrayVec;
@@ -39,7 +38,7 @@ use arrayvec::ArrayVec;
 use crate::error::{Call, Error, Result};
 use crate::heartbeat::Board;
 use crate::listener::{Family, ListenAddr, Listener};
-use crate::settings::{Schedule, MAX_LISTENERS};
+use crate::settings::{ExecSpec, Schedule, MAX_LISTENERS};
 use crate::sys;
 use crate::worker::{Worker, WorkerInit};
 
@@ -69,55 +68,6 @@ const VAR_LISTENERS: &str = "FORKCLUSTER_LISTENERS";
 const VAR_ADDR: &str = "FORKCLUSTER_LISTEN_ADDR_";
 /// Every variable of the protocol starts with this (the primary's own are not passed on).
 const PREFIX: &[u8] = b"FORKCLUSTER_";
-
-/// What [`Builder::exec`](crate::Builder::exec) asked for, checked in `start_exec`.
-#[derive(Debug, Clone)]
-pub(crate) struct ExecSpec {
-    pub(crate) path: CString,
-    pub(crate) args: Vec<CString>,
-    pub(crate) cwd: Option<CString>,
-}
-
-fn c_bytes(b: &[u8], why: &'static str) -> Result<CString> {
-    CString::new(b).map_err(|_| Error::Invalid(why))
-}
-
-impl ExecSpec {
-    /// The program (made absolute against the primary's working directory now, so that a
-    /// later `exec_cwd` does not change which file it is), its arguments and working directory.
-    pub(crate) fn new(
-        path: PathBuf,
-        args: Vec<OsString>,
-        cwd: Option<PathBuf>,
-    ) -> Result<ExecSpec> {
-        if path.as_os_str().is_empty() {
-            return Err(Error::Invalid("exec: the program path is empty"));
-        }
-        let path = if path.is_absolute() {
-            path
-        } else {
-            std::env::current_dir().call("getcwd")?.join(path)
-        };
-        Ok(ExecSpec {
-            path: c_bytes(
-                path.as_os_str().as_bytes(),
-                "exec: the program path contains a NUL byte",
-            )?,
-            args: args
-                .iter()
-                .map(|a| c_bytes(a.as_bytes(), "exec_args: an argument contains a NUL byte"))
-                .collect::<Result<_>>()?,
-            cwd: cwd
-                .map(|c| {
-                    c_bytes(
-                        c.as_os_str().as_bytes(),
-                        "exec_cwd: the path contains a NUL byte",
-                    )
-                })
-                .transpose()?,
-        })
-    }
-}
 
 /// One spawn's `execve`, made in the primary before `fork`: the child only reads it.
 pub(crate) struct Plan {

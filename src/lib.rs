@@ -13,6 +13,9 @@
 //! * The primary reads lifecycle [`Event`]s from one loop ([`Primary::next_event`]): fork, online,
 //!   listening, message, disconnect, exit (code or signal), and the supervisor's own (backoff,
 //!   hung worker, rolling restart, ...). No callbacks, no threads, no allocation per event.
+//! * A worker may also be another program: with [`Builder::exec`] and
+//!   [`Builder::start_exec`] each forked child `execve`s it, and the program takes its
+//!   [`Worker`] with [`Worker::from_env`] (Node's `setupPrimary({ exec, args, cwd })`).
 //! * Primary and workers exchange messages of up to [`frame::MAX_PAYLOAD`] bytes with up to
 //!   [`frame::MAX_FDS`] file descriptors ([`Primary::send`], [`Worker::send`]).
 //! * What Node leaves to every application ships here: respawn with crash-loop backoff, graceful

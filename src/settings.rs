@@ -1,7 +1,12 @@
 //! What the builder decided: the schedule, the supervisor's settings, and the limits, handed to
 //! the primary and (the parts a worker needs) to each worker.
 
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::error::{Call, Error, Result};
 
 /// The most listeners one cluster may have.
 pub const MAX_LISTENERS: usize = 16;
@@ -68,5 +73,54 @@ pub(crate) struct Settings {
     /// The workers' user, CPUs, names and limits, resolved before the first fork.
     pub(crate) deploy: crate::deploy::Deploy,
     /// `Some`: each worker execs this program instead of running the worker function.
-    pub(crate) exec: Option<crate::exec::ExecSpec>,
+    pub(crate) exec: Option<ExecSpec>,
+}
+
+/// What [`Builder::exec`](crate::Builder::exec) asked for, checked in `start_exec`.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecSpec {
+    pub(crate) path: CString,
+    pub(crate) args: Vec<CString>,
+    pub(crate) cwd: Option<CString>,
+}
+
+fn c_bytes(b: &[u8], why: &'static str) -> Result<CString> {
+    CString::new(b).map_err(|_| Error::Invalid(why))
+}
+
+impl ExecSpec {
+    /// The program (made absolute against the primary's working directory now, so that a
+    /// later `exec_cwd` does not change which file it is), its arguments and working directory.
+    pub(crate) fn new(
+        path: PathBuf,
+        args: Vec<OsString>,
+        cwd: Option<PathBuf>,
+    ) -> Result<ExecSpec> {
+        if path.as_os_str().is_empty() {
+            return Err(Error::Invalid("exec: the program path is empty"));
+        }
+        let path = if path.is_absolute() {
+            path
+        } else {
+            std::env::current_dir().call("getcwd")?.join(path)
+        };
+        Ok(ExecSpec {
+            path: c_bytes(
+                path.as_os_str().as_bytes(),
+                "exec: the program path contains a NUL byte",
+            )?,
+            args: args
+                .iter()
+                .map(|a| c_bytes(a.as_bytes(), "exec_args: an argument contains a NUL byte"))
+                .collect::<Result<_>>()?,
+            cwd: cwd
+                .map(|c| {
+                    c_bytes(
+                        c.as_os_str().as_bytes(),
+                        "exec_cwd: the path contains a NUL byte",
+                    )
+                })
+                .transpose()?,
+        })
+    }
 }
