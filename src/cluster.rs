@@ -457,6 +457,7 @@ impl Builder {
             path,
             core::mem::take(&mut self.exec_args),
             self.exec_cwd.take(),
+            crate::exec::plan,
         )?;
         // Never runs: the children exec instead.
         self.start_inner(Box::new(|_| 1), Some(spec))

@@ -2,7 +2,7 @@
 //! function, each forked child `execve`s a program, which calls [`Worker::from_env`] and then
 //! uses its [`Worker`] as a forked worker does, over the same channel and frames.
 //!
-//! The primary builds everything before `fork` ([`Plan::new`]: the argument and environment
+//! The primary builds everything before `fork` ([`plan`]: the argument and environment
 //! strings and their pointer arrays, the fd list, the failure message); the child makes only
 //! async-signal-safe system calls between `fork` and `execve` (the setup every worker gets, the
 //! privilege drop, then [`sys::exec_worker`]).
@@ -37,8 +37,8 @@ use arrayvec::ArrayVec;
 
 use crate::error::{Call, Error, Result};
 use crate::heartbeat::Board;
-use crate::listener::{Family, ListenAddr, Listener};
-use crate::settings::{ExecSpec, Schedule, MAX_LISTENERS};
+use crate::listener::{Family, ListenAddr};
+use crate::settings::{ExecPlan, ExecSpec, PlanInput, Schedule, MAX_LISTENERS};
 use crate::sys;
 use crate::worker::{Worker, WorkerInit};
 
@@ -92,17 +92,16 @@ impl Plan {
     /// environment (the primary's now, without `FORKCLUSTER_*`, then `extra` in order, a later
     /// key replacing an earlier one, then the protocol's variables), and the fds to place (the
     /// channel `chan`, then, shared schedule, the listeners).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        spec: &ExecSpec,
-        id: u32,
-        schedule: Schedule,
-        nonblocking: bool,
-        chan: RawFd,
-        listeners: &[Listener],
-        extra: &[(&str, &str)],
-        extra2: &[(String, String)],
-    ) -> Plan {
+    pub(crate) fn new(spec: &ExecSpec, input: &PlanInput<'_>) -> Plan {
+        let PlanInput {
+            id,
+            schedule,
+            nonblocking,
+            chan,
+            listeners,
+            env: extra,
+            cluster_env: extra2,
+        } = *input;
         let shared = schedule == Schedule::Shared;
         let mut fds = ArrayVec::new();
         fds.push(chan);
@@ -193,10 +192,17 @@ impl Plan {
             failed,
         }
     }
+}
 
+/// The [`PlanFn`](crate::settings::PlanFn) that `start_exec` puts in the [`ExecSpec`].
+pub(crate) fn plan(spec: &ExecSpec, input: &PlanInput<'_>) -> Box<dyn ExecPlan> {
+    Box::new(Plan::new(spec, input))
+}
+
+impl ExecPlan for Plan {
     /// In the forked child: places the fds, changes directory and execs; never returns (a
     /// failure exits with [`EXIT_EXEC_FAILED`]).
-    pub(crate) fn exec(&self, spec: &ExecSpec) -> ! {
+    fn exec(&self, spec: &ExecSpec) -> ! {
         sys::exec_worker(
             &self.fds,
             spec.cwd.as_deref(),

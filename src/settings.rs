@@ -82,7 +82,34 @@ pub(crate) struct ExecSpec {
     pub(crate) path: CString,
     pub(crate) args: Vec<CString>,
     pub(crate) cwd: Option<CString>,
+    /// Builds one spawn's exec (`exec::plan`). Set by `start_exec` only, so that a program
+    /// that never execs its workers does not link the exec code (as `deploy::Options::ids_fn`).
+    pub(crate) plan: PlanFn,
 }
+
+/// What one exec'd spawn needs from the primary, besides its [`ExecSpec`].
+pub(crate) struct PlanInput<'a> {
+    pub(crate) id: u32,
+    pub(crate) schedule: Schedule,
+    pub(crate) nonblocking: bool,
+    /// The worker's end of its channel.
+    pub(crate) chan: std::os::fd::RawFd,
+    pub(crate) listeners: &'a [crate::listener::Listener],
+    /// `fork_with_env`'s variables.
+    pub(crate) env: &'a [(&'a str, &'a str)],
+    /// `Builder::env`'s variables.
+    pub(crate) cluster_env: &'a [(String, String)],
+}
+
+/// One spawn's exec, made in the primary before `fork`; in the child, [`exec`](Self::exec)
+/// only reads it.
+pub(crate) trait ExecPlan {
+    /// In the forked child: exec the program; never returns.
+    fn exec(&self, spec: &ExecSpec) -> !;
+}
+
+/// See [`ExecSpec::plan`].
+pub(crate) type PlanFn = fn(&ExecSpec, &PlanInput<'_>) -> Box<dyn ExecPlan>;
 
 fn c_bytes(b: &[u8], why: &'static str) -> Result<CString> {
     CString::new(b).map_err(|_| Error::Invalid(why))
@@ -95,6 +122,7 @@ impl ExecSpec {
         path: PathBuf,
         args: Vec<OsString>,
         cwd: Option<PathBuf>,
+        plan: PlanFn,
     ) -> Result<ExecSpec> {
         if path.as_os_str().is_empty() {
             return Err(Error::Invalid("exec: the program path is empty"));
@@ -121,6 +149,7 @@ impl ExecSpec {
                     )
                 })
                 .transpose()?,
+            plan,
         })
     }
 }

@@ -57,15 +57,17 @@ impl Primary {
         let id = self.table.next_id();
         // An exec'd worker: everything the child needs, made here (it must not allocate).
         let plan = self.settings.exec.as_ref().map(|spec| {
-            crate::exec::Plan::new(
+            (spec.plan)(
                 spec,
-                id,
-                self.settings.schedule,
-                self.settings.nonblocking,
-                theirs.as_fd().as_raw_fd(),
-                &self.dispatch.listeners,
-                env,
-                &self.settings.env,
+                &crate::settings::PlanInput {
+                    id,
+                    schedule: self.settings.schedule,
+                    nonblocking: self.settings.nonblocking,
+                    chan: theirs.as_fd().as_raw_fd(),
+                    listeners: &self.dispatch.listeners,
+                    env,
+                    cluster_env: &self.settings.env,
+                },
             )
         });
         self.board.clear(slot);
@@ -74,7 +76,7 @@ impl Primary {
         match sys::fork()? {
             Forked::Child => {
                 if let Some(plan) = &plan {
-                    self.become_exec(id, slot, plan)
+                    self.become_exec(id, slot, &**plan)
                 }
                 drop(mine);
                 // The primary's duplicate of this worker's end is not the worker's to hold.
@@ -134,7 +136,7 @@ impl Primary {
     /// (die with the primary, signals, name, CPU, privilege drop), then the exec (see
     /// `sys::exec_worker`). Only async-signal-safe calls, no allocation and no drop: the
     /// primary's fds are close-on-exec, and the exec replaces the rest.
-    fn become_exec(&self, id: u32, slot: usize, plan: &crate::exec::Plan) -> ! {
+    fn become_exec(&self, id: u32, slot: usize, plan: &dyn crate::settings::ExecPlan) -> ! {
         let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
         if rustix::process::getppid() != Some(self.me) {
             sys::exit_now(1);
@@ -143,7 +145,7 @@ impl Primary {
         self.settings.deploy.enter(id, slot, self.me);
         match &self.settings.exec {
             Some(spec) => plan.exec(spec),
-            None => sys::exit_now(crate::exec::EXIT_EXEC_FAILED),
+            None => sys::exit_now(sys::EXEC_FAILED),
         }
     }
 
