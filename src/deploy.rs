@@ -421,13 +421,32 @@ fn worker_comm(prefix: &[u8], id: u32) -> ArrayVec<u8, 16> {
 
 /// In a worker whose privilege drop failed: say why on stderr and exit before any application
 /// code.
+///
+/// The message is formatted without allocating (an exec'd worker is between `fork` and
+/// `execve` here): an OS error shows its number, not the C library's text for it.
 fn privsep_failed(id: u32, e: Error) -> ! {
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
-        "forkcluster: worker {id}: dropping privileges failed ({e}); exiting with code {EXIT_PRIVSEP_FAILED}"
+        "forkcluster: worker {id}: dropping privileges failed ({}); exiting with code {EXIT_PRIVSEP_FAILED}",
+        NoAlloc(e)
     );
     sys::exit_now(EXIT_PRIVSEP_FAILED)
+}
+
+/// An [`Error`] shown without allocating: `Error`'s own `Display` asks `std` for the text of
+/// an errno, which makes a `String`.
+struct NoAlloc(Error);
+
+impl core::fmt::Display for NoAlloc {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Error::Os { call, errno } => {
+                write!(f, "{call} failed: os error {}", errno.raw_os_error())
+            }
+            e => write!(f, "{e}"),
+        }
+    }
 }
 
 impl Deploy {
@@ -448,8 +467,8 @@ impl Deploy {
             set.set(cpu);
             if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
                 eprintln!(
-                    "forkcluster: worker {id}: sched_setaffinity(CPU {cpu}) failed ({}); running unpinned",
-                    std::io::Error::from(e)
+                    "forkcluster: worker {id}: sched_setaffinity(CPU {cpu}) failed (os error {}); running unpinned",
+                    e.raw_os_error()
                 );
             }
         }
