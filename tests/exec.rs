@@ -32,6 +32,7 @@ fn main() {
         from_env_outside_a_cluster_is_a_clear_error,
         start_refuses_what_cannot_work,
         exec_primary_example => 30,
+        exec_as_nobody_drops_before_exec => 30,
     ])
 }
 
@@ -686,4 +687,50 @@ fn exec_primary_example() {
     assert!(st.success(), "{st}\n{err}");
     assert!(err.contains("worker 1 says: pong 1"), "{err}");
     assert!(err.contains("worker 2 says: pong 2"), "{err}");
+}
+
+/// `field` of `/proc/PID/status` (`Uid`, `Gid`, `NoNewPrivs`), whitespace-normalised.
+fn status_of(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn exec_as_nobody_drops_before_exec() {
+    if skip() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("    skipped: not root (changing the workers' user needs root)");
+        return;
+    }
+    let name = std::ffi::CString::new("nobody").unwrap();
+    // SAFETY: the test process is single-threaded; the entry is read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        println!("    skipped: this machine has no user `nobody`");
+        return;
+    }
+    // SAFETY: non-null result of getpwnam, read before any other lookup.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    let mut p = Cluster::builder()
+        .listen(lo0())
+        .workers(1)
+        .user("nobody")
+        .no_new_privs(true)
+        .exec(worker_path())
+        .start_exec()
+        .expect("start_exec");
+    let (forks, _) = wait_ready(&mut p, 1);
+    let pid = forks[0].1;
+    assert_eq!(status_of(pid, "Uid"), format!("{uid} {uid} {uid} {uid}"));
+    assert_eq!(status_of(pid, "Gid"), format!("{gid} {gid} {gid} {gid}"));
+    assert_eq!(status_of(pid, "NoNewPrivs"), "1");
+    assert_eq!(exe_of(pid).file_name().unwrap(), "exec_worker");
+    assert_eq!(ask(&mut p, 1, "ping"), "pong 1");
+    assert_eq!(get_n(&mut p, 1), ["hello from exec'd worker 1"]);
+    stop_cleanly(p, &[1]);
 }
