@@ -5,7 +5,7 @@
 //! The primary builds everything before `fork` ([`plan`]: the argument and environment
 //! strings and their pointer arrays, the fd list, the failure message); the child makes only
 //! async-signal-safe system calls between `fork` and `execve` (the setup every worker gets, the
-//! privilege drop, then [`sys::exec_worker`]).
+//! privilege drop, then [`sys::exec_worker`]: [`Plan`]'s `ExecPlan::exec`).
 //!
 //! # What the exec'd program inherits
 //!
@@ -38,7 +38,7 @@ use arrayvec::ArrayVec;
 use crate::error::{Call, Error, Result};
 use crate::heartbeat::Board;
 use crate::listener::{Family, ListenAddr};
-use crate::settings::{ExecPlan, ExecSpec, PlanInput, Schedule, MAX_LISTENERS};
+use crate::settings::{ChildSetup, ExecPlan, ExecSpec, PlanInput, Schedule, MAX_LISTENERS};
 use crate::sys;
 use crate::worker::{Worker, WorkerInit};
 
@@ -200,9 +200,20 @@ pub(crate) fn plan(spec: &ExecSpec, input: &PlanInput<'_>) -> Box<dyn ExecPlan> 
 }
 
 impl ExecPlan for Plan {
-    /// In the forked child: places the fds, changes directory and execs; never returns (a
-    /// failure exits with [`EXIT_EXEC_FAILED`]).
-    fn exec(&self, spec: &ExecSpec) -> ! {
+    /// In the forked child: dies with the primary, resets signals, takes its name and CPU and
+    /// drops privileges (as `primary::spawn` does for a forked worker), then places the fds,
+    /// changes directory and execs; never returns (a failure exits with
+    /// [`EXIT_EXEC_FAILED`]). Only async-signal-safe calls, no allocation and no drop: the
+    /// primary's fds are close-on-exec, and the exec replaces the rest. (Here rather than in
+    /// `spawn`, so that it is reached only through [`plan`]: not linked without `exec`.)
+    fn exec(&self, spec: &ExecSpec, child: &ChildSetup<'_>) -> ! {
+        use rustix::process::Signal;
+        let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+        if rustix::process::getppid() != Some(child.primary) {
+            sys::exit_now(1);
+        }
+        sys::reset_child_signals(child.ignored);
+        child.deploy.enter(child.id, child.slot, child.primary);
         sys::exec_worker(
             &self.fds,
             spec.cwd.as_deref(),

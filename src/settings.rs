@@ -104,8 +104,20 @@ pub(crate) struct PlanInput<'a> {
 /// One spawn's exec, made in the primary before `fork`; in the child, [`exec`](Self::exec)
 /// only reads it.
 pub(crate) trait ExecPlan {
-    /// In the forked child: exec the program; never returns.
-    fn exec(&self, spec: &ExecSpec) -> !;
+    /// In the forked child, right after `fork`: the setup every worker gets first (die with
+    /// the primary, signals, name, CPU, privilege drop), then the exec; never returns.
+    fn exec(&self, spec: &ExecSpec, child: &ChildSetup<'_>) -> !;
+}
+
+/// What the child of an exec'd spawn applies before `execve`.
+pub(crate) struct ChildSetup<'a> {
+    pub(crate) id: u32,
+    pub(crate) slot: usize,
+    /// The primary's pid (the child exits at once when its parent is another).
+    pub(crate) primary: rustix::process::Pid,
+    /// The signals the process ignored when the cluster started (they stay ignored).
+    pub(crate) ignored: &'a [i32],
+    pub(crate) deploy: &'a crate::deploy::Deploy,
 }
 
 /// See [`ExecSpec::plan`].

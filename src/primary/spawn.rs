@@ -75,8 +75,18 @@ impl Primary {
         let _ = std::io::stderr().flush();
         match sys::fork()? {
             Forked::Child => {
-                if let Some(plan) = &plan {
-                    self.become_exec(id, slot, &**plan)
+                // An exec'd worker: the setup and the exec, without allocating (`exec`).
+                if let (Some(plan), Some(spec)) = (&plan, &self.settings.exec) {
+                    plan.exec(
+                        spec,
+                        &crate::settings::ChildSetup {
+                            id,
+                            slot,
+                            primary: self.me,
+                            ignored: &self.ignored,
+                            deploy: &self.settings.deploy,
+                        },
+                    )
                 }
                 drop(mine);
                 // The primary's duplicate of this worker's end is not the worker's to hold.
@@ -129,23 +139,6 @@ impl Primary {
                 }
                 Ok(id)
             }
-        }
-    }
-
-    /// In the child of an exec'd worker, right after fork: the setup every worker gets first
-    /// (die with the primary, signals, name, CPU, privilege drop), then the exec (see
-    /// `sys::exec_worker`). Only async-signal-safe calls, no allocation and no drop: the
-    /// primary's fds are close-on-exec, and the exec replaces the rest.
-    fn become_exec(&self, id: u32, slot: usize, plan: &dyn crate::settings::ExecPlan) -> ! {
-        let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
-        if rustix::process::getppid() != Some(self.me) {
-            sys::exit_now(1);
-        }
-        sys::reset_child_signals(&self.ignored);
-        self.settings.deploy.enter(id, slot, self.me);
-        match &self.settings.exec {
-            Some(spec) => plan.exec(spec),
-            None => sys::exit_now(sys::EXEC_FAILED),
         }
     }
 
