@@ -419,7 +419,8 @@ impl Worker {
     /// Exec'd workers have no shared counters: the primary cannot see their heartbeat (so
     /// [`Builder::hang_timeout`](crate::Builder::hang_timeout) cannot be used with
     /// [`Builder::exec`](crate::Builder::exec)), and their [`WorkerInfo`](crate::WorkerInfo)
-    /// message and shared-schedule connection counts stay 0. [`heartbeat`](Self::heartbeat)
+    /// message and shared-schedule connection counts stay 0 (and `since_heartbeat` counts from
+    /// the fork). [`heartbeat`](Self::heartbeat)
     /// still works (it writes a page of the worker's own).
     ///
     /// | variable | value |
