@@ -354,27 +354,41 @@ fn passwd_lookup(
         let mut pw: libc::passwd = unsafe { core::mem::zeroed() };
         let mut res: *mut libc::passwd = core::ptr::null_mut();
         let rc = call(&mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut res);
-        if rc == libc::ERANGE && buf.len() < LOOKUP_BUF_MAX {
-            buf.resize(buf.len() * 4, 0);
+        if !nss_found(rc, res.is_null(), &mut buf, what)? {
+            if buf.is_empty() {
+                return Ok(None);
+            }
             continue;
-        }
-        // glibc and musl say "not found" with 0 and a null result; POSIX allows these too.
-        if res.is_null()
-            && matches!(
-                rc,
-                0 | libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM
-            )
-        {
-            return Ok(None);
-        }
-        if rc != 0 || res.is_null() {
-            return Err(Error::os(what, rustix::io::Errno::from_raw_os_error(rc)));
         }
         // SAFETY: on success `pw.pw_name` points to a NUL-terminated string inside `buf`,
         // which is alive and unchanged here.
         let name = unsafe { CStr::from_ptr(pw.pw_name) }.to_owned();
         return Ok(Some((pw.pw_uid, pw.pw_gid, name)));
     }
+}
+
+/// The outcome of one `get*_r` call: `Ok(true)` found; `Ok(false)` with `buf` grown, try again
+/// (`ERANGE`); `Ok(false)` with `buf` emptied, there is no such entry (glibc and musl say so
+/// with 0 and a null result; POSIX allows `ENOENT`, `ESRCH`, `EBADF`, `EPERM` too).
+fn nss_found(rc: i32, res_null: bool, buf: &mut Vec<u8>, what: &'static str) -> Result<bool> {
+    if rc == libc::ERANGE && buf.len() < LOOKUP_BUF_MAX {
+        let n = buf.len() * 4;
+        buf.resize(n, 0);
+        return Ok(false);
+    }
+    if res_null
+        && matches!(
+            rc,
+            0 | libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM
+        )
+    {
+        buf.clear();
+        return Ok(false);
+    }
+    if rc != 0 || res_null {
+        return Err(Error::os(what, rustix::io::Errno::from_raw_os_error(rc)));
+    }
+    Ok(true)
 }
 
 /// Looks a user up by name (`getpwnam_r`): uid, primary gid, name. `None` when there is none.
@@ -414,23 +428,11 @@ pub(crate) fn group_by_name(name: &CStr) -> Result<Option<u32>> {
                 &mut res,
             )
         };
-        if rc == libc::ERANGE && buf.len() < LOOKUP_BUF_MAX {
-            buf.resize(buf.len() * 4, 0);
+        if !nss_found(rc, res.is_null(), &mut buf, "getgrnam_r")? {
+            if buf.is_empty() {
+                return Ok(None);
+            }
             continue;
-        }
-        if res.is_null()
-            && matches!(
-                rc,
-                0 | libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM
-            )
-        {
-            return Ok(None);
-        }
-        if rc != 0 || res.is_null() {
-            return Err(Error::os(
-                "getgrnam_r",
-                rustix::io::Errno::from_raw_os_error(rc),
-            ));
         }
         return Ok(Some(gr.gr_gid));
     }
