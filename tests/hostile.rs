@@ -1241,6 +1241,10 @@ fn forged_heartbeat_does_not_hang_an_honest_worker() {
             }
             let maps = shared_mappings();
             let words: usize = maps.iter().map(|m| m.1 / 8 / 4).sum();
+            // Its own beat stops moving once the attack starts, so the attacker itself is
+            // "hung" a hang_timeout after this beat: the report must go out first (reading
+            // /proc/self/maps can take long on a loaded machine).
+            w.heartbeat();
             w.send(format!("mapped {} {words}", maps.len()).as_bytes())
                 .unwrap();
             loop {
