@@ -11,8 +11,8 @@
 //! * The primary never panics and `next_event_timeout` never fails.
 //! * No fd leaks: the set of open fd numbers (`/proc/self/fd`) is the same before the cluster
 //!   starts and after it is dropped (every fd received in an `Event::Message` dropped); the
-//!   signal mask is restored; no child is left (`waitid(P_ALL, WNOHANG | WNOWAIT)` says
-//!   `ECHILD`: nothing alive, nothing unreaped).
+//!   signal mask is restored; no child is left: no zombie (`waitid(P_ALL, WNOHANG |
+//!   WNOWAIT)`), and every worker pid is reaped (`waitpid(pid, WNOHANG)` says `ECHILD`).
 //! * A worker's fds reach the application only in that worker's `Event::Message`, only for a
 //!   message that worker sent, as many as it attached, in order: every attached fd is the read
 //!   end of a fresh pipe holding an 8-byte tag (run, worker, step, fd index), which the primary
@@ -721,9 +721,10 @@ fn blocked_signals() -> Vec<u8> {
         .collect()
 }
 
-/// `Ok(())` when this process has no child at all (`ECHILD`), else the pid of a zombie, or 0
-/// for a live child.
-fn children() -> Result<(), i32> {
+/// The pid of an exited, unreaped child of this process (a zombie), if there is one.
+/// `WNOWAIT` leaves it as it is. (Not "no child at all": libFuzzer's symbolizer, started to
+/// print `NEW_FUNC`, is a live child of the fuzz process.)
+fn zombie() -> Option<i32> {
     // SAFETY: a zeroed siginfo_t is a valid out-value; WNOWAIT leaves any child as it is.
     let mut info: libc::siginfo_t = unsafe { core::mem::zeroed() };
     let rc = unsafe {
@@ -734,10 +735,18 @@ fn children() -> Result<(), i32> {
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         )
     };
-    if rc != 0 {
-        return Ok(());
-    }
-    Err(unsafe { info.si_pid() })
+    let pid = unsafe { info.si_pid() };
+    (rc == 0 && pid != 0).then_some(pid)
+}
+
+/// Whether `pid` is still a child of this process, alive or not reaped (`waitpid(WNOHANG)`
+/// does not say `ECHILD`).
+fn still_child(pid: u32) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid(WNOHANG) on one pid writes `status` only.
+    // A worker pid that is still our child would be reaped here, which is fine: the run failed.
+    let rc = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+    !(rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
 }
 
 fn setup() {
@@ -959,6 +968,7 @@ fn run(data: &[u8]) {
     let mut obs: Vec<Vec<Obs>> = (0..n).map(|_| Vec::new()).collect();
     let mut extra: Vec<String> = Vec::new();
     let mut received = vec![0usize; n];
+    let mut pids: Vec<u32> = Vec::new();
     let mut resolved = vec![false; n];
     let mut stopped = false;
     let mut deadline = Instant::now() + PHASE;
@@ -992,7 +1002,10 @@ fn run(data: &[u8]) {
                 continue;
             }
             Event::Stopping { .. } => continue,
-            Event::Fork { id, .. } => (id, Obs::Fork),
+            Event::Fork { id, pid } => {
+                pids.push(pid);
+                (id, Obs::Fork)
+            }
             Event::Online { id } => (id, Obs::Online),
             Event::Listening { id, listener, .. } => (id, Obs::Listening(listener)),
             Event::Message { id, payload, fds } => {
@@ -1054,8 +1067,11 @@ fn run(data: &[u8]) {
         );
     }
     assert_eq!(blocked_signals(), mask_before, "the signal mask was not restored");
-    if let Err(pid) = children() {
-        panic!("a child is left after the cluster is gone (pid {pid}; 0: alive)");
+    if let Some(pid) = zombie() {
+        panic!("a zombie is left after the cluster is gone (pid {pid})");
+    }
+    if let Some(pid) = pids.iter().copied().find(|&pid| still_child(pid)) {
+        panic!("worker pid {pid} is still a child after the cluster is gone");
     }
 }
 
