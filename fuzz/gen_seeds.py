@@ -129,6 +129,9 @@ PRIMARY_PROTOCOL = {
     # The zero-byte datagram race: a malformed frame, or end of file once the worker is gone.
     "empty_then_exit": config(2) + rec(0, P_EMPTY) + rec(0, P_EXIT, 1) + rec(1, P_EMPTY) + rec(1, P_SHUTWR),
     "empty_alive": config(1) + rec(0, P_EMPTY) + p_message(0, b"after"),
+    # A tick of the primary (a kill timer is pending after the Close) between worker 1's frames.
+    "tick": config(2) + rec(0, P_CLOSE) + p_message(1, b"before", 1) + rec(1, P_SLEEP, 0xFF)
+    + p_message(1, b"after a tick", 2),
 }
 
 

@@ -74,8 +74,9 @@
 //! byte (bits 0-4 the op `% 16`, bits 5-7 the worker `% workers`) and the op's operands (missing
 //! bytes read as 0). `len` is two bytes little-endian. See `Op` for the ops.
 //!
-//! Ticks are not driven: the primary ticks every 100 ms at most while something is pending, and
-//! a run is shorter; its timers run only in the rare long run.
+//! Ticks: the primary ticks every 100 ms while a timer is pending (a worker that closed its
+//! channel, a reaped worker, a stop), which is longer than a run; one sleep of 110 ms per run
+//! (`Sleep` with operand 0xFF) lets a tick fall between a worker's frames.
 #![no_main]
 
 use std::io::IoSlice;
@@ -104,6 +105,8 @@ const MAX_RAW: usize = 3 * MAX_FRAME;
 const MAX_SENDS: usize = 1024;
 /// Sleep per worker, in all.
 const MAX_SLEEP_US: u32 = 10_000;
+/// The one long sleep of a run (`Sleep` with operand 0xFF): past the primary's 100 ms tick.
+const TICK_SLEEP_US: u32 = 110_000;
 /// What a worker whose script did not end sends last.
 const DONE: &[u8] = b"forkcluster-fuzz: script done";
 /// Worker exit codes that are not from a script (scripts exit with 0..64).
@@ -159,7 +162,9 @@ enum Op {
     Disconnect = 9,
     /// `[code]`: the worker exits with `code % 64`.
     Exit = 10,
-    /// `[x]`: sleep `(x % 21) * 100` µs.
+    /// `[x]`: sleep `(x % 21) * 100` µs (10 ms per worker in all); `x = 0xFF`: 110 ms, once
+    /// per run, so that a tick of the primary (every 100 ms while a timer is pending) falls
+    /// inside the run.
     Sleep = 11,
     /// `shutdown(SHUT_WR)` on the channel.
     ShutWr = 12,
@@ -228,6 +233,7 @@ fn decode_plan(data: &[u8]) -> Plan {
     let mut sends = vec![0usize; n];
     let mut slept = vec![0u32; n];
     let mut ended = vec![false; n];
+    let mut long_sleep = false;
     while !r.data.is_empty() {
         let head = r.byte();
         let w = (head >> 5) as usize % n;
@@ -292,8 +298,14 @@ fn decode_plan(data: &[u8]) -> Plan {
             }
             x if x == Op::Exit as u8 => acts.push(Act::Exit((r.byte() % 64) as i32)),
             x if x == Op::Sleep as u8 => {
-                let us = (r.byte() % 21) as u32 * 100;
-                if slept[w] + us <= MAX_SLEEP_US {
+                let x = r.byte();
+                if x == 0xFF && !long_sleep {
+                    // One per run: long enough for a tick of the primary to fall inside.
+                    long_sleep = true;
+                    acts.push(Act::Sleep(TICK_SLEEP_US));
+                }
+                let us = (x % 21) as u32 * 100;
+                if x != 0xFF && slept[w] + us <= MAX_SLEEP_US {
                     slept[w] += us;
                     acts.push(Act::Sleep(us));
                 }
