@@ -49,10 +49,15 @@ failed=()
 for t in "${targets[@]}"; do
     echo "=== fuzz $t for ${secs}s"
     mkdir -p "fuzz/corpus/$t"
-    # The first corpus directory is the one libFuzzer writes new inputs to; the seeds are
-    # only read.
+    # The first corpus directory is the one libFuzzer writes new inputs to; the seeds (and
+    # the inputs that found bugs, fuzz/regressions/<target>/) are only read; libFuzzer runs
+    # every input of every directory once before it starts mutating.
+    dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
+    if [ -d "fuzz/regressions/$t" ]; then
+        dirs+=("fuzz/regressions/$t")
+    fi
     # shellcheck disable=SC2046 # the extra flags are words
-    if ! cargo "+$toolchain" fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+    if ! cargo "+$toolchain" fuzz run "$t" "${dirs[@]}" -- \
         -max_total_time="$secs" -max_len="$(max_len "$t")" -print_final_stats=1 \
         $(extra_flags "$t"); then
         failed+=("$t")
