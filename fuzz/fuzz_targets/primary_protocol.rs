@@ -21,7 +21,9 @@
 //! * Each worker's events are exactly, in order: `Fork`, `Online`, the `Listening` and
 //!   `Message` events its frames call for, `WorkerError` (with the expected error) if and only
 //!   if it broke the protocol, `Disconnect`, `Exit` with the expected status: a worker that broke
-//!   the protocol is SIGKILLed, the others exit as their script says.
+//!   the protocol is SIGKILLed, the others exit as their script says (and
+//!   `exited_after_disconnect` is false for a worker that exited by itself, true for one the
+//!   stop asked to leave).
 //!
 //! # Oracle
 //!
@@ -391,6 +393,10 @@ struct Expect {
     done: bool,
     /// Exit statuses allowed: `Ok(code)` or `Err(signal)`.
     statuses: Vec<Result<i32, i32>>,
+    /// `Exit`'s `exited_after_disconnect`, where it is not timing: false for a worker that
+    /// exited by itself (nobody asked it to leave, it did not close its channel), true for one
+    /// that was still in its script's end when the cluster stopped.
+    after: Option<bool>,
     /// Why (for the failure report).
     why: String,
 }
@@ -500,6 +506,7 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
             error_optional: false,
             done: false,
             statuses,
+            after: None,
             why: why.to_string(),
         }
     };
@@ -514,6 +521,7 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
                     error_optional: false,
                     done: false,
                     statuses: vec![Ok(*c)],
+                    after: Some(false),
                     why: format!("exits with {c} at step {i}"),
                 }
             }
@@ -545,6 +553,7 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
                         error_optional: racy,
                         done: false,
                         statuses,
+                        after: None,
                         why: format!(
                             "violation at step {i} ({e:?}){}",
                             if racy { ", or end of file" } else { "" }
@@ -564,6 +573,7 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
         error: None,
         error_optional: false,
         done: true,
+        after: Some(true),
         statuses: vec![if fast_stop {
             Err(libc::SIGTERM)
         } else {
@@ -684,8 +694,8 @@ enum Obs {
     Message(Vec<u8>, Vec<Result<u64, String>>),
     WorkerError(Error),
     Disconnect,
-    /// `Ok(code)` or `Err(signal)`.
-    Exit(Result<i32, i32>),
+    /// `Ok(code)` or `Err(signal)`, and `exited_after_disconnect`.
+    Exit(Result<i32, i32>, bool),
 }
 
 fn read_tag(fd: &OwnedFd) -> Result<u64, String> {
@@ -932,11 +942,13 @@ fn check(run: u8, exp: &[Expect], obs: &[Vec<Obs>], extra: &[String]) -> Result<
             got => return fail(format!("expected Disconnect, got {got:?}")),
         }
         match it.next() {
-            Some(Obs::Exit(st)) if e.statuses.contains(st) => {}
+            Some(Obs::Exit(st, after))
+                if e.statuses.contains(st) && e.after.map_or(true, |a| a == *after) => {}
             got => {
                 return fail(format!(
-                    "expected Exit with one of {:?} (Ok: code, Err: signal), got {got:?}",
-                    e.statuses
+                    "expected Exit with one of {:?} (Ok: code, Err: signal), after \
+                     disconnect {:?}, got {got:?}",
+                    e.statuses, e.after
                 ))
             }
         }
@@ -1027,13 +1039,18 @@ fn run(data: &[u8]) {
             }
             Event::WorkerError { id, error } => (id, Obs::WorkerError(error)),
             Event::Disconnect { id } => (id, Obs::Disconnect),
-            Event::Exit { id, status, .. } => {
+            Event::Exit {
+                id,
+                status,
+                exited_after_disconnect,
+                ..
+            } => {
                 let st = match (status.code(), status.signal()) {
                     (Some(c), _) => Ok(c),
                     (None, Some(s)) => Err(s),
                     _ => Err(-1),
                 };
-                (id, Obs::Exit(st))
+                (id, Obs::Exit(st, exited_after_disconnect))
             }
             other => {
                 extra.push(other.to_string());
