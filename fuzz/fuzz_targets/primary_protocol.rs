@@ -593,10 +593,16 @@ fn send_raw(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> rusti
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(Errno::NOBUFS);
     }
+    let until = Instant::now() + PHASE;
     loop {
         match rustix::net::sendmsg(chan, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)
         {
             Err(Errno::INTR) => continue,
+            // Without CAP_SYS_RESOURCE the kernel bounds the fds in flight per user by
+            // RLIMIT_NOFILE: an fd flood waits for the primary to read some.
+            Err(Errno::TOOMANYREFS) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
             other => return other,
         }
     }
