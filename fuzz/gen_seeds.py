@@ -9,7 +9,7 @@ Seeds per target:
   channel_recv     one byte of fd count (the header's), then the datagram
   frame_roundtrip  the `arbitrary` layout of the target's Input: kind, flags, fds (one byte
                    each), seq (u32, little-endian), then the payload (the rest)
-  primary_protocol a config byte (workers, listeners, fast stop), then records: a head byte
+  primary_protocol a config byte (workers, listeners, fast stop, short timeouts), then records: a head byte
                    (op in bits 0-4, worker in bits 5-7) and the op's operands; see the
                    module docs of fuzz_targets/primary_protocol.rs
 """
@@ -54,8 +54,8 @@ P_RAW, P_FRAME, P_MESSAGE, P_ONLINE, P_LISTENING, P_ACK, P_STATS, P_CLOSE, P_CON
     P_DISCONNECT, P_EXIT, P_SLEEP, P_SHUTWR, P_FLOOD, P_FDFLOOD, P_EMPTY = range(16)
 
 
-def config(workers, listeners=0, fast_stop=False):
-    return bytes([(workers - 1) | listeners << 2 | (0x10 if fast_stop else 0)])
+def config(workers, listeners=0, fast_stop=False, short=False):
+    return bytes([(workers - 1) | listeners << 2 | (0x10 if fast_stop else 0) | (0x20 if short else 0)])
 
 
 def rec(worker, op, *operands):
@@ -129,9 +129,12 @@ PRIMARY_PROTOCOL = {
     # The zero-byte datagram race: a malformed frame, or end of file once the worker is gone.
     "empty_then_exit": config(2) + rec(0, P_EMPTY) + rec(0, P_EXIT, 1) + rec(1, P_EMPTY) + rec(1, P_SHUTWR),
     "empty_alive": config(1) + rec(0, P_EMPTY) + p_message(0, b"after"),
-    # A tick of the primary (a kill timer is pending after the Close) between worker 1's frames.
-    "tick": config(2) + rec(0, P_CLOSE) + p_message(1, b"before", 1) + rec(1, P_SLEEP, 0xFF)
-    + p_message(1, b"after a tick", 2),
+    # Short timeouts: worker 0 closes its channel and sleeps; its kill timer (30 ms) fires at a
+    # tick while worker 1 sleeps 110 ms between its messages.
+    "tick": config(2, 0, False, True) + rec(0, P_CLOSE) + rec(0, P_SLEEP, 20) * 4
+    + p_message(1, b"before", 1) + rec(1, P_SLEEP, 0xFF) + p_message(1, b"after a tick", 2),
+    "tick_fast_stop": config(3, 1, True, True) + rec(0, P_LISTENING, 0) + rec(1, P_SHUTWR)
+    + rec(2, P_SLEEP, 0xFF) + rec(2, P_FDFLOOD, 8, 3),
 }
 
 

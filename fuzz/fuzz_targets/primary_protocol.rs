@@ -59,7 +59,7 @@
 //! that closed its channel (`Close`, `SHUT_WR`) runs the rest of its script and exits with its
 //! exit step's code, or 0 when it sees end of file. Done workers exit 0 on `Disconnect`
 //! (graceful stop) or die of SIGTERM (fast stop, chosen by the input; a worker that closed its
-//! channel may also be caught by that SIGTERM).
+//! channel may also be caught by that SIGTERM). With short timeouts, see Ticks below.
 //!
 //! One rule is timing: a zero-byte datagram with no fds is end of file, not a malformed frame,
 //! when the peer is gone or shut down and nothing else is queued (`Channel::at_eof`; `FIONREAD`
@@ -72,13 +72,18 @@
 //! # Input format (hand-rolled, so that `fuzz/gen_seeds.py` can write seeds)
 //!
 //! Byte 0: bits 0-1 workers (`1 + v % 3`), bits 2-3 TCP listeners on 127.0.0.1:0 (`v % 3`),
-//! bit 4 fast stop (`stop(false)`) instead of `disconnect_all` at the end. Then records: a head
+//! bit 4 fast stop (`stop(false)`) instead of `disconnect_all` at the end, bit 5 short timeouts
+//! (graceful and fast: 30 ms instead of 2.5 s). Then records: a head
 //! byte (bits 0-4 the op `% 16`, bits 5-7 the worker `% workers`) and the op's operands (missing
 //! bytes read as 0). `len` is two bytes little-endian. See `Op` for the ops.
 //!
-//! Ticks: the primary ticks every 100 ms while a timer is pending (a worker that closed its
-//! channel, a reaped worker, a stop), which is longer than a run; one sleep of 110 ms per run
-//! (`Sleep` with operand 0xFF) lets a tick fall between a worker's frames.
+//! Ticks: the primary's first tick comes when its earliest timer is due (a kill timer: the
+//! graceful timeout of a worker that closed its channel, or of a stop; a second after a reap
+//! with the channel still open), then every 100 ms while timers are pending. With short
+//! timeouts (config bit 5) the kill timers, and the ticks that run them, fall inside the run;
+//! one sleep of 110 ms per run (`Sleep` with operand 0xFF) keeps a worker's frames coming across
+//! ticks. A worker that closed its channel itself may then die of its kill timer (SIGKILL), and
+//! so may a worker slow to act on the stop; the oracle accepts SIGKILL for those in that mode.
 #![no_main]
 
 use std::io::IoSlice;
@@ -107,6 +112,8 @@ const MAX_RAW: usize = 3 * MAX_FRAME;
 const MAX_SENDS: usize = 1024;
 /// Sleep per worker, in all.
 const MAX_SLEEP_US: u32 = 10_000;
+/// Graceful and fast timeouts when the config asks for short ones.
+const SHORT_TIMEOUT: Duration = Duration::from_millis(30);
 /// The one long sleep of a run (`Sleep` with operand 0xFF): past the primary's 100 ms tick.
 const TICK_SLEEP_US: u32 = 110_000;
 /// What a worker whose script did not end sends last.
@@ -137,6 +144,9 @@ enum Act {
 struct Plan {
     listeners: usize,
     fast_stop: bool,
+    /// Graceful and fast timeouts of [`SHORT_TIMEOUT`] instead of seconds: kill timers (and
+    /// the ticks that run them) fire inside the run.
+    short: bool,
     workers: Vec<Vec<Act>>,
 }
 
@@ -231,6 +241,7 @@ fn decode_plan(data: &[u8]) -> Plan {
     let n = 1 + (cfg & 3) as usize % 3;
     let listeners = ((cfg >> 2) & 3) as usize % 3;
     let fast_stop = cfg & 0x10 != 0;
+    let short = cfg & 0x20 != 0;
     let mut workers: Vec<Vec<Act>> = vec![Vec::new(); n];
     let mut sends = vec![0usize; n];
     let mut slept = vec![0u32; n];
@@ -359,6 +370,7 @@ fn decode_plan(data: &[u8]) -> Plan {
     Plan {
         listeners,
         fast_stop,
+        short,
         workers,
     }
 }
@@ -490,7 +502,7 @@ fn eof_possible(rest: &[Act]) -> bool {
     false
 }
 
-fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
+fn expect(acts: &[Act], listeners: usize, fast_stop: bool, short: bool) -> Expect {
     let mut said = SAID_ONLINE;
     let mut events = Vec::new();
     // Where the worker's own life ends once the primary stopped reading it: its next exit
@@ -499,6 +511,10 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
         let mut statuses = vec![Ok(later_exit(rest).unwrap_or(0))];
         if fast_stop {
             statuses.push(Err(libc::SIGTERM));
+        }
+        if short {
+            // Disconnecting itself: killed when the graceful timeout passes.
+            statuses.push(Err(libc::SIGKILL));
         }
         Expect {
             events,
@@ -574,11 +590,13 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool) -> Expect {
         error_optional: false,
         done: true,
         after: Some(true),
-        statuses: vec![if fast_stop {
-            Err(libc::SIGTERM)
-        } else {
-            Ok(0)
-        }],
+        statuses: match (fast_stop, short) {
+            (false, false) => vec![Ok(0)],
+            (true, false) => vec![Err(libc::SIGTERM)],
+            // A worker slow to act on the stop is killed when its timeout passes.
+            (false, true) => vec![Ok(0), Err(libc::SIGKILL)],
+            (true, true) => vec![Err(libc::SIGTERM), Err(libc::SIGKILL)],
+        },
         why: "well-behaved to the end".to_string(),
     }
 }
@@ -869,9 +887,10 @@ fn show_obs(o: &Obs) -> String {
 
 fn show_plan(plan: &Plan) -> String {
     let mut s = format!(
-        "{} listeners, {} stop",
+        "{} listeners, {} stop, {} timeouts",
         plan.listeners,
-        if plan.fast_stop { "fast" } else { "graceful" }
+        if plan.fast_stop { "fast" } else { "graceful" },
+        if plan.short { "short" } else { "long" }
     );
     for (w, acts) in plan.workers.iter().enumerate() {
         s += &format!("\n  worker {w}: {}", runs(acts.iter().map(show_act)));
@@ -974,19 +993,20 @@ fn run(data: &[u8]) {
     let exp: Vec<Expect> = plan
         .workers
         .iter()
-        .map(|acts| expect(acts, plan.listeners, plan.fast_stop))
+        .map(|acts| expect(acts, plan.listeners, plan.fast_stop, plan.short))
         .collect();
     let run = RUN.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     let fds_before = open_fds();
     let mask_before = blocked_signals();
 
+    let timeout = if plan.short { SHORT_TIMEOUT } else { PHASE / 2 };
     let mut b = Cluster::builder()
         .workers(n)
         .max_workers(n)
         .respawn(false)
         .handle_signals(false)
-        .graceful_timeout(PHASE / 2)
-        .fast_timeout(PHASE / 2);
+        .graceful_timeout(timeout)
+        .fast_timeout(timeout);
     for _ in 0..plan.listeners {
         b = b.listen("127.0.0.1:0".parse().unwrap());
     }
