@@ -96,8 +96,7 @@ use std::time::{Duration, Instant};
 
 use forkcluster::channel::{Channel, RecvBuf};
 use forkcluster::frame::{
-    Frame, Kind, HEADER_LEN, MAGIC, MAX_FDS, MAX_FRAME, MAX_PAYLOAD, NO_LISTENER,
-    VERSION,
+    Frame, Kind, HEADER_LEN, MAGIC, MAX_FDS, MAX_FRAME, MAX_PAYLOAD, NO_LISTENER, VERSION,
 };
 use forkcluster::{Cluster, Error, Event, Worker};
 use libfuzzer_sys::fuzz_target;
@@ -134,7 +133,10 @@ const PHASE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 enum Act {
     /// One datagram, with `fds` tagged pipe read ends attached.
-    Send { bytes: Vec<u8>, fds: usize },
+    Send {
+        bytes: Vec<u8>,
+        fds: usize,
+    },
     Sleep(u32),
     Exit(i32),
     ShutWr,
@@ -286,7 +288,11 @@ fn decode_plan(data: &[u8]) -> Plan {
             x if x == Op::Online as u8 => send!(frame_bytes(Kind::Online as u8, 0, 0, seq, &[]), 0),
             x if x == Op::Listening as u8 => {
                 let b = r.byte();
-                let li = if b >= 0x80 { NO_LISTENER } else { (b % 4) as u16 };
+                let li = if b >= 0x80 {
+                    NO_LISTENER
+                } else {
+                    (b % 4) as u16
+                };
                 send!(
                     frame_bytes(Kind::Listening as u8, 0, 0, seq, &li.to_le_bytes()),
                     0,
@@ -389,7 +395,11 @@ enum Exp {
     Listening(usize),
     /// A message: its payload, the step that sent it (its fds carry that step's tags) and the
     /// number of fds.
-    Message { payload: Vec<u8>, step: usize, fds: usize },
+    Message {
+        payload: Vec<u8>,
+        step: usize,
+        fds: usize,
+    },
 }
 
 /// What one worker's run must look like.
@@ -605,7 +615,11 @@ fn expect(acts: &[Act], listeners: usize, fast_stop: bool, short: bool) -> Expec
 // The worker side (in the forked child). It must not panic: the panic hook aborts, and the
 // oracle would report SIGABRT.
 
-fn send_raw(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> rustix::io::Result<usize> {
+fn send_raw(
+    chan: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> rustix::io::Result<usize> {
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_ATTACH))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -613,8 +627,12 @@ fn send_raw(chan: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> rusti
     }
     let until = Instant::now() + PHASE;
     loop {
-        match rustix::net::sendmsg(chan, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)
-        {
+        match rustix::net::sendmsg(
+            chan,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
             Err(Errno::INTR) => continue,
             // Without CAP_SYS_RESOURCE the kernel bounds the fds in flight per user by
             // RLIMIT_NOFILE: an fd flood waits for the primary to read some.
@@ -686,7 +704,10 @@ fn worker_main(w: Worker, plan: &Plan, run: u8) -> i32 {
         if left.is_zero() {
             return CODE_WAIT_TIMEOUT;
         }
-        let mut pfd = [rustix::event::PollFd::new(&rx, rustix::event::PollFlags::IN)];
+        let mut pfd = [rustix::event::PollFd::new(
+            &rx,
+            rustix::event::PollFlags::IN,
+        )];
         let ts = rustix::time::Timespec {
             tv_sec: left.as_secs() as i64,
             tv_nsec: left.subsec_nanos() as i64,
@@ -754,8 +775,10 @@ fn open_fds() -> Vec<RawFd> {
 }
 
 fn describe_fd(fd: RawFd) -> String {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_or_else(|e| format!("{fd}: {e}"), |p| format!("{fd} -> {}", p.display()))
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).map_or_else(
+        |e| format!("{fd}: {e}"),
+        |p| format!("{fd} -> {}", p.display()),
+    )
 }
 
 fn blocked_signals() -> Vec<u8> {
@@ -931,10 +954,10 @@ fn check(run: u8, exp: &[Expect], obs: &[Vec<Obs>], extra: &[String]) -> Result<
                 (Exp::Message { payload, step, fds }, Some(Obs::Message(p, tags))) => {
                     p == payload
                         && tags.len() == *fds
-                        && tags.iter().enumerate().all(|(i, t)| {
-                            t.as_ref()
-                                .is_ok_and(|&t| t == tag(run, w, *step, i))
-                        })
+                        && tags
+                            .iter()
+                            .enumerate()
+                            .all(|(i, t)| t.as_ref().is_ok_and(|&t| t == tag(run, w, *step, i)))
                 }
                 _ => false,
             };
@@ -1121,7 +1144,11 @@ fn run(data: &[u8]) {
             show_plan(&plan)
         );
     }
-    assert_eq!(blocked_signals(), mask_before, "the signal mask was not restored");
+    assert_eq!(
+        blocked_signals(),
+        mask_before,
+        "the signal mask was not restored"
+    );
     if let Some(pid) = zombie() {
         panic!("a zombie is left after the cluster is gone (pid {pid})");
     }
@@ -1131,4 +1158,3 @@ fn run(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| run(data));
-
