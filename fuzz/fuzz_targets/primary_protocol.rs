@@ -991,7 +991,7 @@ fn check(run: u8, exp: &[Expect], obs: &[Vec<Obs>], extra: &[String]) -> Result<
         }
         match it.next() {
             Some(Obs::Exit(st, after))
-                if e.statuses.contains(st) && e.after.map_or(true, |a| a == *after) => {}
+                if e.statuses.contains(st) && e.after.is_none_or(|a| a == *after) => {}
             got => {
                 return fail(format!(
                     "expected Exit with one of {:?} (Ok: code, Err: signal), after \
