@@ -9,7 +9,8 @@ Seeds per target:
   channel_recv     one byte of fd count (the header's), then the datagram
   frame_roundtrip  the `arbitrary` layout of the target's Input: kind, flags, fds (one byte
                    each), seq (u32, little-endian), then the payload (the rest)
-  primary_protocol a config byte (workers, listeners, fast stop, short timeouts), then records: a head byte
+  primary_protocol a config byte (workers, listeners, fast stop, short timeouts, schedule),
+                   then records: a head byte
                    (op in bits 0-4, worker in bits 5-7) and the op's operands; see the
                    module docs of fuzz_targets/primary_protocol.rs
 """
@@ -54,8 +55,9 @@ P_RAW, P_FRAME, P_MESSAGE, P_ONLINE, P_LISTENING, P_ACK, P_STATS, P_CLOSE, P_CON
     P_DISCONNECT, P_EXIT, P_SLEEP, P_SHUTWR, P_FLOOD, P_FDFLOOD, P_EMPTY = range(16)
 
 
-def config(workers, listeners=0, fast_stop=False, short=False):
-    return bytes([(workers - 1) | listeners << 2 | (0x10 if fast_stop else 0) | (0x20 if short else 0)])
+def config(workers, listeners=0, fast_stop=False, short=False, shared=False):
+    return bytes([(workers - 1) | listeners << 2 | (0x10 if fast_stop else 0)
+                  | (0x20 if short else 0) | (0x40 if shared else 0)])
 
 
 def rec(worker, op, *operands):
@@ -133,6 +135,11 @@ PRIMARY_PROTOCOL = {
     # tick while worker 1 sleeps 110 ms between its messages.
     "tick": config(2, 0, False, True) + rec(0, P_CLOSE) + rec(0, P_SLEEP, 20) * 4
     + p_message(1, b"before", 1) + rec(1, P_SLEEP, 0xFF) + p_message(1, b"after a tick", 2),
+    # The shared schedule: workers hold the listeners; the primary checks them at ticks.
+    "shared": config(2, 2, shared=True) + rec(0, P_LISTENING, 0) + rec(0, P_LISTENING, 1)
+    + p_message(0, b"shared", 2) + rec(1, P_LISTENING, 1) + rec(1, P_LISTENING, 1),
+    "shared_tick": config(3, 1, False, True, True) + rec(0, P_CLOSE) + rec(1, P_LISTENING, 0)
+    + rec(1, P_SLEEP, 0xFF) + p_message(1, b"after", 1) + rec(2, P_EXIT, 2),
     "tick_fast_stop": config(3, 1, True, True) + rec(0, P_LISTENING, 0) + rec(1, P_SHUTWR)
     + rec(2, P_SLEEP, 0xFF) + rec(2, P_FDFLOOD, 8, 3),
 }

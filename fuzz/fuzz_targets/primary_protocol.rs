@@ -73,7 +73,8 @@
 //!
 //! Byte 0: bits 0-1 workers (`1 + v % 3`), bits 2-3 TCP listeners on 127.0.0.1:0 (`v % 3`),
 //! bit 4 fast stop (`stop(false)`) instead of `disconnect_all` at the end, bit 5 short timeouts
-//! (graceful and fast: 30 ms instead of 2.5 s). Then records: a head
+//! (graceful and fast: 30 ms instead of 2.5 s), bit 6 the shared schedule instead of
+//! round-robin (the worker then finds its channel among its fds). Then records: a head
 //! byte (bits 0-4 the op `% 16`, bits 5-7 the worker `% workers`) and the op's operands (missing
 //! bytes read as 0). `len` is two bytes little-endian. See `Op` for the ops.
 //!
@@ -98,7 +99,7 @@ use forkcluster::channel::{Channel, RecvBuf};
 use forkcluster::frame::{
     Frame, Kind, HEADER_LEN, MAGIC, MAX_FDS, MAX_FRAME, MAX_PAYLOAD, NO_LISTENER, VERSION,
 };
-use forkcluster::{Cluster, Error, Event, Worker};
+use forkcluster::{Cluster, Error, Event, Schedule, Worker};
 use libfuzzer_sys::fuzz_target;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
@@ -124,6 +125,7 @@ const CODE_SEND_FAILED: i32 = 79;
 const CODE_RECV_FAILED: i32 = 80;
 const CODE_NO_SCRIPT: i32 = 81;
 const CODE_PIPE_FAILED: i32 = 82;
+const CODE_NO_CHANNEL: i32 = 83;
 /// How long the primary side waits for each phase; far above a normal run.
 const PHASE: Duration = Duration::from_secs(5);
 
@@ -149,6 +151,9 @@ struct Plan {
     /// Graceful and fast timeouts of [`SHORT_TIMEOUT`] instead of seconds: kill timers (and
     /// the ticks that run them) fire inside the run.
     short: bool,
+    /// The shared schedule (workers accept on the listeners themselves) instead of
+    /// round-robin.
+    shared: bool,
     workers: Vec<Vec<Act>>,
 }
 
@@ -244,6 +249,7 @@ fn decode_plan(data: &[u8]) -> Plan {
     let listeners = ((cfg >> 2) & 3) as usize % 3;
     let fast_stop = cfg & 0x10 != 0;
     let short = cfg & 0x20 != 0;
+    let shared = cfg & 0x40 != 0;
     let mut workers: Vec<Vec<Act>> = vec![Vec::new(); n];
     let mut sends = vec![0usize; n];
     let mut slept = vec![0u32; n];
@@ -377,6 +383,7 @@ fn decode_plan(data: &[u8]) -> Plan {
         listeners,
         fast_stop,
         short,
+        shared,
         workers,
     }
 }
@@ -654,12 +661,40 @@ fn tagged_pipe(tag: u64) -> Option<OwnedFd> {
     }
 }
 
+/// The worker's channel: `Worker::as_fd()` in round-robin; in the shared schedule that is the
+/// worker's epoll set, and the channel is the one `SOCK_SEQPACKET` socket the worker holds.
+fn channel_of(w: &Worker) -> Option<BorrowedFd<'_>> {
+    use rustix::net::{sockopt::socket_type, SocketType};
+    let fd = w.as_fd();
+    if socket_type(fd).is_ok_and(|t| t == SocketType::SEQPACKET) {
+        return Some(fd);
+    }
+    let mut found = None;
+    for raw in 0..1024 {
+        // SAFETY: F_GETFD only tests whether `raw` is open; the fd is borrowed only while the
+        // worker (which owns its channel) lives.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } == -1 {
+            continue;
+        }
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        if socket_type(fd).is_ok_and(|t| t == SocketType::SEQPACKET) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(fd);
+        }
+    }
+    found
+}
+
 fn worker_main(w: Worker, plan: &Plan, run: u8) -> i32 {
     let idx = (w.id() as usize).wrapping_sub(1);
     let Some(acts) = plan.workers.get(idx) else {
         return CODE_NO_SCRIPT;
     };
-    let chan = w.as_fd();
+    let Some(chan) = channel_of(&w) else {
+        return CODE_NO_CHANNEL;
+    };
     for (step, a) in acts.iter().enumerate() {
         match a {
             Act::Send { bytes, fds } => {
@@ -910,7 +945,8 @@ fn show_obs(o: &Obs) -> String {
 
 fn show_plan(plan: &Plan) -> String {
     let mut s = format!(
-        "{} listeners, {} stop, {} timeouts",
+        "{}, {} listeners, {} stop, {} timeouts",
+        if plan.shared { "shared" } else { "round-robin" },
         plan.listeners,
         if plan.fast_stop { "fast" } else { "graceful" },
         if plan.short { "short" } else { "long" }
@@ -1028,6 +1064,11 @@ fn run(data: &[u8]) {
         .max_workers(n)
         .respawn(false)
         .handle_signals(false)
+        .schedule(if plan.shared {
+            Schedule::Shared
+        } else {
+            Schedule::RoundRobin
+        })
         .graceful_timeout(timeout)
         .fast_timeout(timeout);
     for _ in 0..plan.listeners {
