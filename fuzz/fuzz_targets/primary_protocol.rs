@@ -11,8 +11,9 @@
 //! * The primary never panics and `next_event_timeout` never fails.
 //! * No fd leaks: the set of open fd numbers (`/proc/self/fd`) is the same before the cluster
 //!   starts and after it is dropped (every fd received in an `Event::Message` dropped); the
-//!   signal mask is restored; no child is left: no zombie (`waitid(P_ALL, WNOHANG |
+//!   signal mask is restored; no child is left: no worker zombie (`waitid(P_ALL, WNOHANG |
 //!   WNOWAIT)`), and every worker pid is reaped (`waitpid(pid, WNOHANG)` says `ECHILD`).
+//!   Other children are libFuzzer's (its symbolizer) and are left alone.
 //! * A worker's fds reach the application only in that worker's `Event::Message`, only for a
 //!   message that worker sent, as many as it attached, in order: every attached fd is the read
 //!   end of a fresh pipe holding an 8-byte tag (run, worker, step, fd index), which the primary
@@ -1190,8 +1191,9 @@ fn run(data: &[u8]) {
         mask_before,
         "the signal mask was not restored"
     );
-    if let Some(pid) = zombie() {
-        panic!("a zombie is left after the cluster is gone (pid {pid})");
+    // (A zombie that is not a worker is libFuzzer's: its symbolizer is a child of this process.)
+    if let Some(pid) = zombie().filter(|&pid| pids.contains(&(pid as u32))) {
+        panic!("worker pid {pid} is left a zombie after the cluster is gone");
     }
     if let Some(pid) = pids.iter().copied().find(|&pid| still_child(pid)) {
         panic!("worker pid {pid} is still a child after the cluster is gone");
