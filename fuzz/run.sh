@@ -16,7 +16,7 @@ toolchain=${FUZZ_TOOLCHAIN:-nightly}
 if [ $# -gt 0 ]; then
     targets=("$@")
 else
-    targets=(frame_decode frame_roundtrip channel_recv)
+    targets=(frame_decode frame_roundtrip channel_recv primary_protocol)
 fi
 
 if ! cargo "+$toolchain" fuzz --version >/dev/null 2>&1; then
@@ -28,7 +28,19 @@ fi
 max_len() {
     case "$1" in
         channel_recv) echo 8192 ;;
+        primary_protocol) echo 16384 ;;
         *) echo 4200 ;;
+    esac
+}
+
+# Extra libFuzzer flags. primary_protocol forks a real cluster per run, and forkcluster refuses
+# to fork in a process with threads: libFuzzer's RSS watchdog is a thread (-rss_limit_mb=0
+# turns it off; -jobs/-workers must not be used). A run takes tens of milliseconds; -timeout
+# catches a hang that the target's own 5 s deadlines would not.
+extra_flags() {
+    case "$1" in
+        primary_protocol) echo "-rss_limit_mb=0 -timeout=60" ;;
+        *) echo "" ;;
     esac
 }
 
@@ -37,10 +49,17 @@ failed=()
 for t in "${targets[@]}"; do
     echo "=== fuzz $t for ${secs}s"
     mkdir -p "fuzz/corpus/$t"
-    # The first corpus directory is the one libFuzzer writes new inputs to; the seeds are
-    # only read.
-    if ! cargo "+$toolchain" fuzz run "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
-        -max_total_time="$secs" -max_len="$(max_len "$t")" -print_final_stats=1; then
+    # The first corpus directory is the one libFuzzer writes new inputs to; the seeds (and
+    # the inputs that found bugs, fuzz/regressions/<target>/) are only read; libFuzzer runs
+    # every input of every directory once before it starts mutating.
+    dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
+    if [ -d "fuzz/regressions/$t" ]; then
+        dirs+=("fuzz/regressions/$t")
+    fi
+    # shellcheck disable=SC2046 # the extra flags are words
+    if ! cargo "+$toolchain" fuzz run "$t" "${dirs[@]}" -- \
+        -max_total_time="$secs" -max_len="$(max_len "$t")" -print_final_stats=1 \
+        $(extra_flags "$t"); then
         failed+=("$t")
     fi
 done
