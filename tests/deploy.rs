@@ -218,6 +218,7 @@ fn outcome(ok: bool) -> String {
         libc::ESRCH => "ESRCH".into(),
         libc::EFAULT => "EFAULT".into(),
         libc::ENOENT => "ENOENT".into(),
+        libc::ENOSYS => "ENOSYS".into(),
         n => format!("errno {n}"),
     }
 }
@@ -517,6 +518,20 @@ fn run_attacker(b: forkcluster::Builder) -> (BTreeMap<String, String>, Primary, 
     (rep.unwrap(), p, log)
 }
 
+/// `want` for attack `key`, except the two attacks qemu-user cannot make: it implements neither
+/// `ptrace` nor `process_vm_readv` and answers ENOSYS itself, so the kernel's verdict on them
+/// shows only on a real kernel (which CI runs too).
+fn kernel_says(key: &str, want: &'static str) -> &'static str {
+    if (key.ends_with("_ptrace_attach") || key.ends_with("_vm_read")) && util::under_qemu() {
+        println!(
+            "    under qemu-user: {key} not made (qemu answers ENOSYS), checked on real kernels"
+        );
+        "ENOSYS"
+    } else {
+        want
+    }
+}
+
 fn hostile_worker_as_nobody_is_refused_by_the_kernel() {
     let Some((uid, _)) = nobody() else { return };
     let (rep, p, log) = run_attacker(Cluster::builder().user("nobody"));
@@ -550,6 +565,7 @@ fn hostile_worker_as_nobody_is_refused_by_the_kernel() {
         ("sibling_vm_read", "EPERM"),
     ];
     for (k, v) in want {
+        let v = kernel_says(k, v);
         assert_eq!(rep.get(k).map(String::as_str), Some(v), "{k} in {rep:?}");
     }
     // No signal got through: no stop, no extra worker, nobody exited.
@@ -617,7 +633,8 @@ fn dumpable_workers_can_reach_their_siblings() {
     if yama == "0" {
         assert_eq!(rep["sibling_mem_read"], "OK", "{rep:?}");
         assert_eq!(
-            rep["sibling_vm_read"], "EFAULT",
+            rep["sibling_vm_read"],
+            kernel_says("sibling_vm_read", "EFAULT"),
             "allowed, at a made-up address"
         );
     } else {
