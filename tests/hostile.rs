@@ -1642,10 +1642,16 @@ fn orphan_scenario() -> Option<i32> {
 }
 
 fn subreaper_primary_reaps_orphaned_grandchildren() {
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 && util::under_qemu() {
+        // qemu-user (7.2) does not pass PR_SET_CHILD_SUBREAPER on to the kernel.
+        println!(
+            "    skipped under qemu-user: prctl(PR_SET_CHILD_SUBREAPER): {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    assert_eq!(rc, 0);
     let z = orphan_scenario();
     assert_eq!(
         z, None,
@@ -2070,6 +2076,12 @@ fn failed_start_restores_the_signal_mask_and_removes_the_socket_file() {
     });
     let st = util::wait_child(pid, Duration::from_secs(10));
     let _ = std::fs::remove_file(&path);
+    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 3 && util::under_qemu() {
+        // Under qemu-user RLIMIT_AS fails no guest mmap (seen with qemu 7.2 on aarch64 and arm
+        // guests: qemu places them in address space it holds already), so nothing fails.
+        println!("    skipped under qemu-user: RLIMIT_AS does not make the guest's mmap fail");
+        return;
+    }
     assert!(
         libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
         "after a failed start the signal mask was not restored or the socket file was left \
