@@ -877,6 +877,8 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+// rlim_t is u64 on 64-bit targets but u32 on 32-bit glibc ones (i686, armv7, powerpc).
+#[allow(clippy::unnecessary_cast)]
 fn hard_nofile() -> u64 {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
@@ -884,7 +886,7 @@ fn hard_nofile() -> u64 {
     };
     // SAFETY: a valid out-pointer.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
-    rl.rlim_max
+    rl.rlim_max as u64
 }
 
 fn cpu_affinity_auto_names_and_nofile() {
@@ -964,7 +966,9 @@ fn nofile_limit_is_never_lowered() {
         .nofile_limit(16)
         .start(report)
         .unwrap();
-    assert_eq!(p.nofile_limit(), Some(rl.rlim_cur));
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u32 on 32-bit glibc targets
+    let cur = rl.rlim_cur as u64;
+    assert_eq!(p.nofile_limit(), Some(cur));
     let r = reports(&mut p, 1, &mut Vec::new());
     assert_eq!(r[&1].1["nofile"], rl.rlim_cur.to_string());
     finish(p);
