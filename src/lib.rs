@@ -124,7 +124,7 @@
 //!   counts: fork copies only the calling thread, so on a real kernel that child always sees
 //!   one and the check stays exactly "one thread"; under qemu the child has the emulator's
 //!   threads too, and only threads beyond those refuse the start. If that child cannot be
-//!   forked or reaped (no processes left, `SIGCHLD` ignored), the plain count decides.
+//!   forked (no processes left), the plain count decides.
 //! * Under qemu-user, a datagram carrying more than [`frame::MAX_FDS`] fds leaves the surplus
 //!   open in the receiving process: qemu hands the kernel a larger control buffer than the
 //!   program's and does not close the fds that do not fit back. A real kernel never installs

@@ -44,7 +44,7 @@ pub(crate) enum Forked {
 /// fork copies only the calling thread, so on a real kernel the child always sees 1 and the
 /// count stands as it is; whatever the child sees beyond 1 are the emulator's threads (qemu
 /// starts its helper thread again in the child), and they are taken off. When the child cannot
-/// be forked or reaped, the count stands.
+/// be forked or does not report, the count stands.
 pub(crate) fn thread_count() -> usize {
     let n = task_count();
     if n <= 1 {
@@ -66,9 +66,12 @@ fn task_count() -> usize {
 ///
 /// The child comes from a raw `clone(SIGCHLD)`, which is `fork` without the C library's atfork
 /// handlers (one of them could start a thread in the child and hide a real thread here), and it
-/// does nothing but one `stat` and `_exit`, both plain system calls, so the locks other threads
-/// may hold at the fork do not matter.
+/// does nothing but `stat`, `write` and `_exit`, all plain system calls, so the locks other
+/// threads may hold at the fork do not matter. The count comes back through a pipe, not the
+/// exit status: with SIGCHLD ignored the kernel reaps the child itself, and an application's
+/// SIGCHLD handler may reap it first.
 fn fresh_child_task_count() -> Option<usize> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).ok()?;
     // s390x takes clone's stack before its flags; the other Linux ports take the flags first.
     #[cfg(target_arch = "s390x")]
     let (a, b): (libc::c_long, libc::c_long) = (0, libc::SIGCHLD as libc::c_long);
@@ -76,24 +79,34 @@ fn fresh_child_task_count() -> Option<usize> {
     let (a, b): (libc::c_long, libc::c_long) = (libc::SIGCHLD as libc::c_long, 0);
     let zero: libc::c_long = 0;
     // SAFETY: clone without CLONE_VM and with a null stack is fork: the child runs on a copy of
-    // this process's memory, so every pointer stays valid, and it only makes system calls that
-    // are async-signal-safe (`stat` with a path on the stack, `_exit`) before it leaves.
+    // this process's memory, so every pointer and fd stays valid, and it only makes system
+    // calls that are async-signal-safe (`stat` with a path on the stack, `write` of a byte on
+    // the stack, `_exit`) before it leaves.
     let pid = unsafe { libc::syscall(libc::SYS_clone, a, b, zero, zero, zero) };
     if pid == 0 {
-        exit_now(task_count().min(255) as i32);
+        let _ = rustix::io::write(&w, &[task_count().min(255) as u8]);
+        exit_now(0);
     }
+    drop(w);
     if pid < 0 {
         return None;
     }
-    // A pid from clone fits in a pid_t.
-    let pid = rustix::process::Pid::from_raw(pid as libc::pid_t)?;
-    loop {
-        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-            Ok(Some((_, st))) => return st.exit_status().map(|c| c as usize),
+    // The child holds the only write end now: EOF if it died before it wrote.
+    let mut byte = [0u8; 1];
+    let count = loop {
+        match rustix::io::read(&r, &mut byte) {
+            Ok(1) => break Some(usize::from(byte[0])),
             Err(rustix::io::Errno::INTR) => continue,
-            _ => return None,
+            _ => break None,
         }
+    };
+    // Reap it; ECHILD when the kernel or a handler did already. A pid from clone fits a pid_t.
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as libc::pid_t) {
+        while let Err(rustix::io::Errno::INTR) =
+            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+        {}
     }
+    count
 }
 
 /// The number of CPUs this process may run on (`sched_getaffinity`, what `nproc` prints).

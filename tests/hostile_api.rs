@@ -146,7 +146,7 @@ fn failed_respawn_is_an_event() {
         rlim_max: 0,
     };
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) };
-    let top = util::fds_of(me()).last().map_or(0, |f| f.0) as u64;
+    let top = util::fds_of(me()).last().map_or(0, |f| f.0) as libc::rlim_t;
     let lim = libc::rlimit {
         rlim_cur: top + 32,
         rlim_max: old.rlim_max,
