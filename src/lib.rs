@@ -90,7 +90,7 @@
 //! | `cluster` | the builder |
 //! | `exec` | exec'd workers: the `execve` a forked child makes instead of the worker function ([`Builder::exec`]), and [`Worker::from_env`] in the program it runs |
 //! | [`systemd`] | socket activation (`LISTEN_FDS`) and `sd_notify` (`NOTIFY_SOCKET`, watchdog), without libsystemd |
-//! | `sys` | the only `unsafe`: `fork`, signal masks and `signalfd`, the shared pages, `_exit` |
+//! | `sys` | the only `unsafe` (a folder: `creds` for users, groups and the privilege drop, `exec` for exec'd workers): `fork`, signal masks and `signalfd`, the shared pages, `_exit` |
 //!
 //! Round-robin hand-off never loses a connection to a dying worker: the primary keeps a
 //! duplicate of each worker's end of its channel, so connection frames a worker had not read yet
