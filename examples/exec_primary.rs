@@ -38,11 +38,8 @@ fn main() -> forkcluster::Result<()> {
             "--listen" => listen = value(),
             "--workers" => workers = value().parse().unwrap_or_else(|_| usage("bad --workers")),
             "--schedule" => {
-                schedule = match value().as_str() {
-                    "rr" => Schedule::RoundRobin,
-                    "shared" => Schedule::Shared,
-                    _ => usage("--schedule is rr or shared"),
-                }
+                schedule = Schedule::from_name(&value())
+                    .unwrap_or_else(|| usage("--schedule is rr, shared, reuseport, lc or sticky"))
             }
             "--worker" => program = Some(value().into()),
             _ => usage(&format!("unknown argument {a}")),

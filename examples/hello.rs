@@ -96,11 +96,8 @@ fn opts() -> Opts {
                 o.workers = Some(val().parse().unwrap_or_else(|_| usage("bad --workers")))
             }
             "--schedule" => {
-                o.schedule = match val().as_str() {
-                    "rr" => Schedule::RoundRobin,
-                    "shared" => Schedule::Shared,
-                    _ => usage("--schedule is rr or shared"),
-                }
+                o.schedule = Schedule::from_name(&val())
+                    .unwrap_or_else(|| usage("--schedule is rr, shared, reuseport, lc or sticky"))
             }
             "--max-requests" => {
                 o.max_requests = val()

@@ -448,7 +448,7 @@ impl Builder {
                 "hang_timeout needs the shared heartbeat page, which exec'd workers do not have",
             ));
         }
-        if self.sup.max_requests.is_some() && self.schedule == Schedule::Shared {
+        if self.sup.max_requests.is_some() && self.schedule.workers_accept() {
             return Err(Error::Invalid(
                 "max_requests in the shared schedule needs the workers' shared counters, which exec'd workers do not have",
             ));

@@ -102,7 +102,7 @@ impl Plan {
             env: extra,
             cluster_env: extra2,
         } = *input;
-        let shared = schedule == Schedule::Shared;
+        let shared = schedule.workers_accept();
         let mut fds = ArrayVec::new();
         fds.push(chan);
         let mut list = Vec::new();
@@ -145,10 +145,7 @@ impl Plan {
         let proto = [
             (VAR_WORKER, id.to_string()),
             (VAR_CHANNEL, EXEC_CHANNEL_FD.to_string()),
-            (
-                VAR_SCHEDULE,
-                if shared { "shared" } else { "rr" }.to_string(),
-            ),
+            (VAR_SCHEDULE, schedule.name().to_string()),
             (
                 VAR_NONBLOCKING,
                 if nonblocking { "1" } else { "0" }.to_string(),
@@ -265,12 +262,15 @@ fn parse_env() -> Result<FromEnv> {
     let chan = number(&chan, "FORKCLUSTER_CHANNEL_FD is not an fd number")?;
     let chan = RawFd::try_from(chan)
         .map_err(|_| Error::Invalid("FORKCLUSTER_CHANNEL_FD is not an fd number"))?;
-    let schedule = match var(VAR_SCHEDULE).as_deref().and_then(OsStr::to_str) {
-        Some("rr") => Schedule::RoundRobin,
-        Some("shared") => Schedule::Shared,
-        _ => {
+    let schedule = match var(VAR_SCHEDULE)
+        .as_deref()
+        .and_then(OsStr::to_str)
+        .and_then(Schedule::from_name)
+    {
+        Some(s) => s,
+        None => {
             return Err(Error::Invalid(
-                "FORKCLUSTER_SCHEDULE is not set to rr or shared",
+                "FORKCLUSTER_SCHEDULE is not the name of a schedule",
             ))
         }
     };
@@ -313,7 +313,7 @@ fn parse_env() -> Result<FromEnv> {
                 ))
             }
         };
-        if fd.is_some() && schedule != Schedule::Shared {
+        if fd.is_some() && !schedule.workers_accept() {
             return Err(Error::Invalid(
                 "FORKCLUSTER_LISTENERS: listener fds are passed in the shared schedule only",
             ));

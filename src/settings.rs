@@ -14,7 +14,14 @@ pub const MAX_LISTENERS: usize = 16;
 pub const MAX_IN_FLIGHT: usize = 256;
 
 /// How connections reach the workers.
+///
+/// Two families: in the **hand-off** schedules ([`RoundRobin`](Self::RoundRobin),
+/// [`LeastConnections`](Self::LeastConnections), [`Sticky`](Self::Sticky)) the primary accepts
+/// every connection and passes its fd to the worker the schedule picks; in the **accepting**
+/// schedules ([`Shared`](Self::Shared), [`ReusePort`](Self::ReusePort)) the workers accept
+/// themselves and the primary only supervises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Schedule {
     /// The primary accepts each connection and passes its fd to the next ready worker
     /// (Node's `SCHED_RR`, the default). About [`Builder::max_in_flight`](crate::Builder::max_in_flight) hand-offs wait in one
@@ -25,6 +32,67 @@ pub enum Schedule {
     /// Every worker accepts on the listener it inherited (Node's `SCHED_NONE`); the kernel
     /// picks which worker (one wakeup per connection: `EPOLLEXCLUSIVE`).
     Shared,
+    /// One `SO_REUSEPORT` socket per worker seat for each TCP listener, made and kept by the
+    /// primary; each worker accepts on its own seat's socket, and the kernel spreads
+    /// connections over the seats by a hash of the addresses. A seat outlives its worker: a
+    /// respawned, recycled or restarted worker gets the same socket, so what waits in its
+    /// backlog is served, not reset. Unix listeners have no `SO_REUSEPORT`: they are shared
+    /// as in [`Shared`](Self::Shared).
+    ReusePort,
+    /// Hand-off to the worker with fewer open connections of two (power of two choices: the
+    /// next in round-robin order and one at random), read from the workers' shared counters
+    /// with no system call.
+    LeastConnections,
+    /// Hand-off by the client's IP address: the same address goes to the same worker seat
+    /// (rendezvous hashing over seats), so a worker's death moves only its own clients, and
+    /// its replacement gets them back. Unix connections go round-robin.
+    Sticky,
+}
+
+impl Schedule {
+    /// The primary accepts and hands each connection to a worker (round-robin, least
+    /// connections, sticky).
+    pub const fn hands_off(self) -> bool {
+        matches!(
+            self,
+            Schedule::RoundRobin | Schedule::LeastConnections | Schedule::Sticky
+        )
+    }
+
+    /// The workers accept on sockets they hold (shared, reuseport).
+    pub const fn workers_accept(self) -> bool {
+        !self.hands_off()
+    }
+
+    /// The schedule's short name: `rr`, `shared`, `reuseport`, `lc`, `sticky`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Schedule::RoundRobin => "rr",
+            Schedule::Shared => "shared",
+            Schedule::ReusePort => "reuseport",
+            Schedule::LeastConnections => "lc",
+            Schedule::Sticky => "sticky",
+        }
+    }
+
+    /// The schedule named `name` (see [`name`](Self::name)).
+    ///
+    /// ```
+    /// use forkcluster::Schedule;
+    /// assert_eq!(Schedule::from_name("lc"), Some(Schedule::LeastConnections));
+    /// assert_eq!(Schedule::from_name("x"), None);
+    /// ```
+    pub fn from_name(name: &str) -> Option<Schedule> {
+        [
+            Schedule::RoundRobin,
+            Schedule::Shared,
+            Schedule::ReusePort,
+            Schedule::LeastConnections,
+            Schedule::Sticky,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
+    }
 }
 
 /// Settings of the supervisor (see [`Builder`](crate::Builder) for each).

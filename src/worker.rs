@@ -202,7 +202,7 @@ impl Worker {
         for (fd, family, addr) in init.listeners {
             listeners.push(WListener { fd, family, addr });
         }
-        let (epoll, pause_timer) = if init.schedule == Schedule::Shared && !listeners.is_empty() {
+        let (epoll, pause_timer) = if init.schedule.workers_accept() && !listeners.is_empty() {
             let ep = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
             epoll::add(
                 &ep,

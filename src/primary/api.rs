@@ -12,7 +12,6 @@ use super::Primary;
 use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
 use crate::listener::ListenAddr;
-use crate::settings::Schedule;
 
 impl Primary {
     /// The next event, waiting for one. `None` once the cluster has stopped and every worker
@@ -194,9 +193,10 @@ impl Primary {
     // ----- internals: the loop ----------------------------------------------------------------
 
     fn info(&self, slot: usize, w: &W, now: Instant) -> WorkerInfo {
-        let connections = match self.settings.schedule {
-            Schedule::RoundRobin => w.dispatched,
-            Schedule::Shared => self.board.conns(slot),
+        let connections = if self.settings.schedule.hands_off() {
+            w.dispatched
+        } else {
+            self.board.conns(slot)
         };
         let (started, beat_seen) = self.sup.times(slot).unwrap_or((now, now));
         WorkerInfo {

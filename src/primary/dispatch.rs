@@ -22,7 +22,6 @@ use super::Primary;
 use crate::error::Error;
 use crate::frame::{Frame, Kind};
 use crate::listener::{self, Family, Listener};
-use crate::settings::Schedule;
 
 /// Accepted connections the primary queues while no worker can take one; past this it stops
 /// accepting and lets the kernel's backlog hold the rest.
@@ -151,10 +150,7 @@ impl Primary {
 
     /// Puts the listeners back into epoll.
     pub(super) fn rearm(&mut self) {
-        if self.dispatch.armed
-            || !self.sup.running()
-            || self.settings.schedule != Schedule::RoundRobin
-        {
+        if self.dispatch.armed || !self.sup.running() || !self.settings.schedule.hands_off() {
             return;
         }
         self.dispatch.armed = true;
@@ -362,7 +358,7 @@ impl Primary {
     /// stopping worker waits behind them (see `send_disconnect`), and every one is answered by
     /// a worker that reads its queue before its graceful timeout.
     pub(super) fn close_listeners(&mut self) {
-        if self.settings.schedule == Schedule::RoundRobin {
+        if self.settings.schedule.hands_off() {
             let d = &mut self.dispatch;
             for i in 0..d.listeners.len() {
                 let Some(lfd) = d.listeners[i].fd.as_ref() else {
@@ -400,7 +396,7 @@ impl Primary {
     /// its copy (`SO_ACCEPTCONN`) and has it listen again. (A Unix socket shut down this way
     /// keeps refusing connections until the cluster restarts: Linux has no way back for it.)
     pub(super) fn check_listeners(&mut self) {
-        if self.settings.schedule != Schedule::Shared || !self.sup.running() {
+        if !self.settings.schedule.workers_accept() || !self.sup.running() {
             return;
         }
         for l in &self.dispatch.listeners {

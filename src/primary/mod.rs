@@ -37,7 +37,7 @@ use crate::channel::RecvBuf;
 use crate::error::{Call, Error, Result};
 use crate::heartbeat::{Board, FOLD_EVERY};
 use crate::listener::{self, Listener};
-use crate::settings::{Schedule, Settings};
+use crate::settings::Settings;
 use crate::sys::{self, SignalSet};
 use crate::systemd::Lifecycle;
 use crate::worker::WorkerFn;
@@ -145,7 +145,7 @@ impl Primary {
             ^ (me.as_raw_nonzero().get() as u64) << 32;
         let sup = Supervisor::new(
             settings.sup.clone(),
-            settings.schedule == Schedule::Shared,
+            settings.schedule.workers_accept(),
             n,
             max,
             seed,
@@ -204,7 +204,7 @@ impl Primary {
         )
         .call("epoll_ctl")?;
         p.sigfd = Some(sigfd);
-        if p.settings.schedule == Schedule::RoundRobin {
+        if p.settings.schedule.hands_off() {
             for (i, l) in p.dispatch.listeners.iter().enumerate() {
                 let Some(fd) = &l.fd else { continue };
                 epoll::add(
@@ -417,7 +417,7 @@ impl Primary {
         // come at least every FOLD_EVERY.
         let every = if periodic {
             TICK
-        } else if self.settings.schedule == Schedule::Shared {
+        } else if self.settings.schedule.workers_accept() {
             LISTENER_CHECK
         } else {
             FOLD_EVERY

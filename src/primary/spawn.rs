@@ -17,7 +17,6 @@ use super::Primary;
 use crate::channel::Channel;
 use crate::error::{Call, Error, Result};
 use crate::listener::{Family, ListenAddr, Listener};
-use crate::settings::Schedule;
 use crate::sys::{self, Forked};
 use crate::worker::{Worker, WorkerInit};
 
@@ -166,7 +165,7 @@ impl Primary {
         self.dispatch.pending.clear();
         self.dispatch.orphans.clear();
         self.dispatch.reserve = None;
-        let shared = self.settings.schedule == Schedule::Shared;
+        let shared = self.settings.schedule.workers_accept();
         let listeners = core::mem::take(&mut self.dispatch.listeners)
             .into_iter()
             .map(|l| {
