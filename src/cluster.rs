@@ -496,12 +496,13 @@ impl Builder {
         // Every lookup (NSS), the allowed CPUs and RLIMIT_NOFILE: here, once, before any fork.
         let deploy = self.deploy.resolve()?;
         let mut listeners = Vec::with_capacity(self.specs.len());
+        let opts = listener::BindOptions {
+            backlog: self.backlog,
+            defer_accept: self.defer_accept,
+            unix_mode: self.unix_mode,
+            reuseport: self.schedule == Schedule::ReusePort,
+        };
         for spec in self.specs {
-            let opts = listener::BindOptions {
-                backlog: self.backlog,
-                defer_accept: self.defer_accept,
-                unix_mode: self.unix_mode,
-            };
             match listener::bind(spec, opts) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
@@ -513,6 +514,7 @@ impl Builder {
         }
         let settings = Settings {
             backlog: self.backlog,
+            bind: opts,
             schedule: self.schedule,
             in_flight: self.in_flight,
             max_workers: self.max_workers,

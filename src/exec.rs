@@ -63,6 +63,7 @@ pub const EXEC_CHANNEL_FD: RawFd = sys::EXEC_FIRST_FD;
 const VAR_WORKER: &str = "FORKCLUSTER_WORKER";
 const VAR_CHANNEL: &str = "FORKCLUSTER_CHANNEL_FD";
 const VAR_SCHEDULE: &str = "FORKCLUSTER_SCHEDULE";
+const VAR_SEAT: &str = "FORKCLUSTER_SEAT";
 const VAR_NONBLOCKING: &str = "FORKCLUSTER_NONBLOCKING";
 const VAR_LISTENERS: &str = "FORKCLUSTER_LISTENERS";
 const VAR_ADDR: &str = "FORKCLUSTER_LISTEN_ADDR_";
@@ -95,6 +96,8 @@ impl Plan {
     pub(crate) fn new(spec: &ExecSpec, input: &PlanInput<'_>) -> Plan {
         let PlanInput {
             id,
+            seat,
+            seat_fds,
             schedule,
             nonblocking,
             chan,
@@ -115,11 +118,17 @@ impl Plan {
                 Family::Tcp => b"tcp",
                 Family::Unix => b"unix",
             });
-            if let (true, Some(fd)) = (shared, &l.fd) {
+            // Reuseport: the seat's own socket for this listener, where it has one.
+            let fd = seat_fds
+                .get(i)
+                .copied()
+                .flatten()
+                .or(l.fd.as_ref().map(|f| f.as_raw_fd()));
+            if let (true, Some(fd)) = (shared, fd) {
                 list.extend_from_slice(
                     format!(":{}", EXEC_CHANNEL_FD + fds.len() as RawFd).as_bytes(),
                 );
-                fds.push(fd.as_raw_fd());
+                fds.push(fd);
             }
             let addr = match &l.addr {
                 ListenAddr::Tcp(a) => a.to_string().into_bytes(),
@@ -146,6 +155,7 @@ impl Plan {
             (VAR_WORKER, id.to_string()),
             (VAR_CHANNEL, EXEC_CHANNEL_FD.to_string()),
             (VAR_SCHEDULE, schedule.name().to_string()),
+            (VAR_SEAT, seat.to_string()),
             (
                 VAR_NONBLOCKING,
                 if nonblocking { "1" } else { "0" }.to_string(),
@@ -233,6 +243,7 @@ impl core::fmt::Display for Lossy<'_> {
 /// The protocol's variables of this process, parsed.
 struct FromEnv {
     id: u32,
+    seat: u32,
     chan: RawFd,
     schedule: Schedule,
     nonblocking: bool,
@@ -344,8 +355,13 @@ fn parse_env() -> Result<FromEnv> {
         };
         listeners.push((family, fd, addr));
     }
+    let seat = match var(VAR_SEAT) {
+        Some(v) => number(&v, "FORKCLUSTER_SEAT is not a seat number")?,
+        None => 0,
+    };
     Ok(FromEnv {
         id,
+        seat,
         chan,
         schedule,
         nonblocking,
@@ -501,6 +517,7 @@ impl Worker {
             // Counters of its own, that nobody reads: the primary's pages do not survive exec.
             board: Rc::new(Board::new(1)?),
             slot: 0,
+            seat: env.seat,
         })
     }
 }

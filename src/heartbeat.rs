@@ -8,6 +8,7 @@
 //! | `BEAT` | every [`Worker::next`](crate::Worker::next), `try_next`, `heartbeat`: a count shifted left by one, the low bit set while it waits idle | hung-worker detection |
 //! | `CONNS` | every connection it accepted itself (shared schedule) | `max_requests` and [`WorkerInfo`](crate::WorkerInfo) |
 //! | `MSGS` | every message from the primary it received | [`WorkerInfo`](crate::WorkerInfo) |
+//! | `CLOSED` | every [`Connection`](crate::Connection) it dropped (or took the stream out of) | open connections: least-connections, [`WorkerInfo`](crate::WorkerInfo) |
 //!
 //! The words are `AtomicU32`, so the crate runs on CPUs without 64-bit atomics (32-bit
 //! PowerPC, MIPS, ARMv5). They wrap: the heartbeat is only compared for change, and the
@@ -25,6 +26,7 @@ use crate::sys::SharedPages;
 const BEAT: usize = 0;
 const CONNS: usize = 1;
 const MSGS: usize = 2;
+const CLOSED: usize = 3;
 
 /// The primary reads (folds) every counter at least this often.
 pub(crate) const FOLD_EVERY: Duration = Duration::from_secs(60);
@@ -63,7 +65,7 @@ impl Board {
 
     /// Zeroes a slot's counters for its next worker.
     pub(crate) fn clear(&self, slot: usize) {
-        for w in [BEAT, CONNS, MSGS] {
+        for w in [BEAT, CONNS, MSGS, CLOSED] {
             if let Some(a) = self.word(slot, w) {
                 a.store(0, Ordering::Relaxed);
             }
@@ -106,6 +108,13 @@ impl Board {
     /// Messages the slot's worker received, as a 64-bit total.
     pub(crate) fn msgs(&self, slot: usize) -> u64 {
         self.fold(slot, MSGS, 1)
+    }
+
+    /// The slot's count of closed connections, as the worker's 32-bit word (it wraps: compare
+    /// it with a count of opened connections by `wrapping_sub`).
+    #[inline]
+    pub(crate) fn closed(&self, slot: usize) -> u32 {
+        self.load(slot, CLOSED)
     }
 
     /// Reads every counter of the first `slots` slots, so that none wraps unseen.
@@ -152,6 +161,14 @@ impl Own {
     #[inline]
     pub(crate) fn count_conn(&self) {
         self.add(CONNS);
+    }
+
+    /// The word a [`Connection`](crate::Connection) raises when it is dropped. `'static`: the
+    /// worker never unmaps its own page (its board is leaked here, once per worker, so that a
+    /// connection that outlives the [`Worker`](crate::Worker) still writes mapped memory).
+    pub(crate) fn closed_word(&self) -> Option<&'static AtomicU32> {
+        let board: &'static Board = Box::leak(Box::new(self.board.clone()));
+        board.word(self.slot, CLOSED)
     }
 
     /// Counts a message from the primary.

@@ -77,6 +77,9 @@ pub(crate) struct BindOptions {
     pub(crate) defer_accept: Option<u32>,
     /// The mode of the Unix socket files the cluster creates (else the umask's).
     pub(crate) unix_mode: Option<u32>,
+    /// TCP sockets the cluster binds get `SO_REUSEPORT` (the reuseport schedule), so that
+    /// each worker seat can bind one more.
+    pub(crate) reuseport: bool,
 }
 
 /// Binds (unless the socket came bound), listens, and reads back the address.
@@ -84,6 +87,7 @@ pub(crate) struct BindOptions {
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
     let (fd, family, unlink) = match spec {
+        Spec::Tcp(addr) if opts.reuseport => (reuseport_socket(addr)?, Family::Tcp, None),
         Spec::Tcp(addr) => (
             OwnedFd::from(TcpListener::bind(addr).call("bind")?),
             Family::Tcp,
@@ -100,14 +104,7 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
         }
         Spec::Bound(fd, family) => (fd, family, None),
     };
-    let (backlog, defer_accept) = (opts.backlog, opts.defer_accept);
-    rustix::net::listen(&fd, backlog).call("listen")?;
-    // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
-    // the shared schedule the workers race for each connection.
-    rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
-    if let (Some(secs), Family::Tcp) = (defer_accept, family) {
-        crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
-    }
+    listen(&fd, family, opts)?;
     let addr = local_addr(fd.as_fd(), family)?;
     Ok(Listener {
         fd: Some(fd),
@@ -115,6 +112,55 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
         addr,
         unlink,
     })
+}
+
+/// A TCP socket bound to `addr` with `SO_REUSEADDR` and `SO_REUSEPORT` (not listening yet).
+fn reuseport_socket(addr: SocketAddr) -> Result<OwnedFd> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .call("socket")?;
+    sockopt::set_socket_reuseaddr(&fd, true).call("setsockopt(SO_REUSEADDR)")?;
+    sockopt::set_socket_reuseport(&fd, true).call("setsockopt(SO_REUSEPORT)")?;
+    rustix::net::bind(&fd, &addr).call("bind")?;
+    Ok(fd)
+}
+
+/// One more socket in the reuseport group of listener `l` (a TCP listener with
+/// `SO_REUSEPORT`): bound to the same address, listening like it. `None` when `l` cannot have
+/// one (a Unix listener, or an inherited socket without `SO_REUSEPORT`: it stays shared).
+pub(crate) fn seat_socket(l: &Listener, opts: BindOptions) -> Result<Option<OwnedFd>> {
+    let (Some(orig), Family::Tcp, ListenAddr::Tcp(addr)) = (&l.fd, l.family, &l.addr) else {
+        return Ok(None);
+    };
+    if !rustix::net::sockopt::socket_reuseport(orig).unwrap_or(false) {
+        return Ok(None);
+    }
+    let fd = reuseport_socket(*addr)?;
+    listen(&fd, Family::Tcp, opts)?;
+    Ok(Some(fd))
+}
+
+/// `listen`, nonblocking, and the options that apply after bind.
+fn listen(fd: &OwnedFd, family: Family, opts: BindOptions) -> Result<()> {
+    let (backlog, defer_accept) = (opts.backlog, opts.defer_accept);
+    rustix::net::listen(fd, backlog).call("listen")?;
+    // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
+    // the shared schedule the workers race for each connection.
+    rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
+    if let (Some(secs), Family::Tcp) = (defer_accept, family) {
+        crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
+    }
+    Ok(())
 }
 
 /// Binds a Unix stream socket at `path`. A socket file left there by a crashed run (nobody

@@ -132,6 +132,8 @@ impl Default for Supervision {
 /// Everything the builder decided, handed to the primary.
 pub(crate) struct Settings {
     pub(crate) backlog: i32,
+    /// How listeners were bound (reuseport seats bind theirs the same way).
+    pub(crate) bind: crate::listener::BindOptions,
     pub(crate) schedule: Schedule,
     pub(crate) in_flight: usize,
     pub(crate) max_workers: usize,
@@ -158,6 +160,9 @@ pub(crate) struct ExecSpec {
 /// What one exec'd spawn needs from the primary, besides its [`ExecSpec`].
 pub(crate) struct PlanInput<'a> {
     pub(crate) id: u32,
+    pub(crate) seat: u32,
+    /// Reuseport: the seat's socket for each listener that has one (instead of the shared one).
+    pub(crate) seat_fds: &'a [Option<std::os::fd::RawFd>],
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
     /// The worker's end of its channel.

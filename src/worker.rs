@@ -5,6 +5,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use arrayvec::ArrayVec;
 use rustix::event::epoll;
@@ -39,12 +40,33 @@ pub enum Stream {
 
 /// A connection handed to this worker, and the index of the listener that accepted it (in the
 /// order the builder's `listen*` calls named them).
+///
+/// The worker counts it as open until it is dropped, or until the stream is taken out of it
+/// ([`into_tcp`](Self::into_tcp), [`into_unix`](Self::into_unix), `OwnedFd::from`): from then
+/// on the application owns the socket and the count does not follow it. The count is what
+/// [`Schedule::LeastConnections`](crate::Schedule::LeastConnections) and
+/// [`WorkerInfo::open_connections`](crate::WorkerInfo::open_connections) read: one relaxed
+/// atomic add in shared memory when the connection ends, no system call.
 #[derive(Debug)]
 pub struct Connection {
     /// The listener's index.
     pub listener: usize,
     /// The stream.
     pub stream: Stream,
+    tally: Tally,
+}
+
+/// Counts a connection as closed, in the worker's shared page, when dropped.
+#[derive(Debug)]
+struct Tally(Option<&'static AtomicU32>);
+
+impl Drop for Tally {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(w) = self.0 {
+            w.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Connection {
@@ -181,6 +203,10 @@ pub struct Worker {
     closed: bool,
     next_listener: usize,
     page: Own,
+    /// The page's count of closed connections (see [`Connection`]).
+    closed_word: Option<&'static AtomicU32>,
+    /// The worker's seat (see [`seat`](Self::seat)).
+    seat: u32,
     /// A spare fd, so that a frame's fds always have room (see `step`).
     reserve: Option<OwnedFd>,
 }
@@ -194,6 +220,7 @@ pub(crate) struct WorkerInit {
     pub(crate) nonblocking: bool,
     pub(crate) board: Rc<Board>,
     pub(crate) slot: usize,
+    pub(crate) seat: u32,
 }
 
 impl Worker {
@@ -256,10 +283,14 @@ impl Worker {
             disconnecting: false,
             closed: false,
             next_listener: 0,
+            closed_word: None,
+            seat: init.seat,
             page: Own::new(init.board, init.slot),
             // Made now, so that the worker's fds are the same from its first frame on.
             reserve: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).ok(),
         };
+        let mut w = w;
+        w.closed_word = w.page.closed_word();
         w.send_frame(&Frame::new(Kind::Online, 0, &[]), &[])?;
         Ok(w)
     }
@@ -267,6 +298,15 @@ impl Worker {
     /// This worker's id: 1 for the first worker, never reused while the primary lives.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// This worker's seat: its place among the cluster's workers, from 0. A worker that
+    /// replaces another (a respawn after a crash, a recycle, a rolling restart) takes the seat
+    /// of the one it replaces; under [`Schedule::ReusePort`](crate::Schedule::ReusePort) the
+    /// seat owns the worker's listening sockets, and under
+    /// [`Schedule::Sticky`](crate::Schedule::Sticky) the seat is what a client address maps to.
+    pub fn seat(&self) -> u32 {
+        self.seat
     }
 
     /// This worker's process id.
@@ -343,7 +383,11 @@ impl Worker {
             Family::Tcp => Stream::Tcp(TcpStream::from(fd)),
             Family::Unix => Stream::Unix(UnixStream::from(fd)),
         };
-        Connection { listener, stream }
+        Connection {
+            listener,
+            stream,
+            tally: Tally(self.closed_word),
+        }
     }
 
     fn stop_accepting(&mut self) {

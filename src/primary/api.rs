@@ -193,11 +193,8 @@ impl Primary {
     // ----- internals: the loop ----------------------------------------------------------------
 
     fn info(&self, slot: usize, w: &W, now: Instant) -> WorkerInfo {
-        let connections = if self.settings.schedule.hands_off() {
-            w.dispatched
-        } else {
-            self.board.conns(slot)
-        };
+        // Handed over by the primary, and (shared, reuseport) accepted by the worker itself.
+        let connections = w.dispatched + self.board.conns(slot);
         let (started, beat_seen) = self.sup.times(slot).unwrap_or((now, now));
         WorkerInfo {
             id: w.id,

@@ -17,11 +17,12 @@ use rustix::net::SocketFlags;
 
 use super::events::Ev;
 use super::schedule::Ready;
-use super::table::{watch, State, TAG_LISTENER};
+use super::table::{watch, State, TAG_LISTENER, TAG_SEAT};
 use super::Primary;
 use crate::error::Error;
 use crate::frame::{Frame, Kind};
 use crate::listener::{self, Family, Listener};
+use crate::settings::Schedule;
 
 /// Accepted connections the primary queues while no worker can take one; past this it stops
 /// accepting and lets the kernel's backlog hold the rest.
@@ -31,6 +32,39 @@ const ACCEPT_BUDGET: usize = 64;
 /// How long accepting pauses after `EMFILE` and the like.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// A connection waiting for a worker: its fd, its listener's index, and (sticky) the key of
+/// the client's address.
+pub(crate) type Queued = (OwnedFd, u16, u64);
+
+/// Where the primary accepts from.
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    /// The cluster's listener (hand-off schedules).
+    Listener(usize),
+    /// A reuseport seat's socket for a listener, while nobody takes the seat.
+    Seat(u32, usize),
+}
+
+/// The epoll token of a seat's socket.
+pub(crate) fn seat_token(seat: u32, li: usize) -> epoll::EventData {
+    epoll::EventData::new_u64(TAG_SEAT | u64::from(seat) << 8 | li as u64)
+}
+
+/// The sticky key of a client address: its IP (not its port), IPv4-mapped IPv6 as IPv4.
+fn client_key(a: Option<rustix::net::SocketAddrAny>) -> u64 {
+    match a.and_then(|a| std::net::SocketAddr::try_from(a).ok()) {
+        Some(std::net::SocketAddr::V4(v4)) => u64::from(u32::from(*v4.ip())),
+        Some(std::net::SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => u64::from(u32::from(v4)),
+            None => {
+                let b = u128::from(*v6.ip());
+                (b as u64) ^ ((b >> 64) as u64).rotate_left(17) ^ 1 << 63
+            }
+        },
+        None => 0,
+    }
+}
+
 /// The state of dispatch.
 pub(crate) struct Dispatch {
     pub(crate) listeners: Vec<Listener>,
@@ -38,7 +72,7 @@ pub(crate) struct Dispatch {
     armed: bool,
     /// When a pause in accepting ends.
     pub(crate) rearm_at: Option<Instant>,
-    pub(crate) pending: VecDeque<(OwnedFd, u16)>,
+    pub(crate) pending: VecDeque<Queued>,
     ready: Ready,
     accept_flags: SocketFlags,
     /// Slots that reached their connection limit (recycled by the supervisor).
@@ -56,6 +90,11 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
+    /// The flags of every `accept4`.
+    pub(crate) fn accept_flags(&self) -> SocketFlags {
+        self.accept_flags
+    }
+
     pub(crate) fn new(
         listeners: Vec<Listener>,
         max_workers: usize,
@@ -88,26 +127,56 @@ impl Dispatch {
 impl Primary {
     /// A listener is readable: accept up to the budget and hand each connection out.
     pub(super) fn on_listener(&mut self, i: usize) {
-        if !self.dispatch.armed || i >= self.dispatch.listeners.len() {
+        if i < self.dispatch.listeners.len() {
+            self.accept_from(Src::Listener(i));
+        }
+    }
+
+    /// A reuseport seat nobody takes has connections: the primary hands them out.
+    pub(super) fn on_seat(&mut self, seat: u32, li: usize) {
+        if self.seats.polled.get(seat as usize) == Some(&true) {
+            self.accept_from(Src::Seat(seat, li));
+        }
+    }
+
+    fn src_fd(&self, src: Src) -> Option<&OwnedFd> {
+        match src {
+            Src::Listener(i) => self.dispatch.listeners.get(i)?.fd.as_ref(),
+            Src::Seat(seat, li) => self.seats.sock(seat, li),
+        }
+    }
+
+    fn accept_from(&mut self, src: Src) {
+        if !self.dispatch.armed {
             return;
         }
+        let li = match src {
+            Src::Listener(i) | Src::Seat(_, i) => i as u16,
+        };
+        let sticky = self.settings.schedule == Schedule::Sticky;
         for _ in 0..ACCEPT_BUDGET {
             if self.dispatch.pending.len() >= PENDING_MAX {
                 self.disarm(None);
                 return;
             }
-            let d = &self.dispatch;
-            let Some(lfd) = d.listeners[i].fd.as_ref() else {
+            let Some(lfd) = self.src_fd(src) else {
                 return;
             };
-            match rustix::net::accept_with(lfd, d.accept_flags) {
-                Ok(fd) => {
+            let flags = self.dispatch.accept_flags;
+            let got = if sticky {
+                // The client's address picks the seat (no extra system call: accept4 fills it).
+                rustix::net::acceptfrom_with(lfd, flags).map(|(fd, a)| (fd, client_key(a)))
+            } else {
+                rustix::net::accept_with(lfd, flags).map(|fd| (fd, 0))
+            };
+            match got {
+                Ok((fd, key)) => {
                     if self.dispatch.pending.is_empty() {
-                        if let Err(back) = self.dispatch(fd, i as u16) {
+                        if let Err(back) = self.dispatch(fd, li, key) {
                             self.dispatch.pending.push_back(back);
                         }
                     } else {
-                        self.dispatch.pending.push_back((fd, i as u16));
+                        self.dispatch.pending.push_back((fd, li, key));
                     }
                 }
                 Err(Errno::AGAIN) => return,
@@ -122,13 +191,23 @@ impl Primary {
         }
     }
 
+    /// Accepting is on (not paused).
+    pub(super) fn dispatch_armed(&self) -> bool {
+        self.dispatch.armed
+    }
+
     /// Takes the listeners out of epoll; with an error, for a pause that ends by itself.
     fn disarm(&mut self, error: Option<Error>) {
         if self.dispatch.armed {
             self.dispatch.armed = false;
             if let Some(ep) = &self.epoll {
-                for l in self.dispatch.listeners.iter() {
-                    let Some(fd) = &l.fd else { continue };
+                let seats = self.seats.polled_socks();
+                let hands_off = self.settings.schedule.hands_off();
+                let listeners = self.dispatch.listeners.iter().filter(|_| hands_off);
+                for fd in listeners
+                    .filter_map(|l| l.fd.as_ref())
+                    .chain(seats.map(|(_, fd)| fd))
+                {
                     let _ = epoll::modify(
                         ep,
                         fd,
@@ -150,25 +229,30 @@ impl Primary {
 
     /// Puts the listeners back into epoll.
     pub(super) fn rearm(&mut self) {
-        if self.dispatch.armed || !self.sup.running() || !self.settings.schedule.hands_off() {
+        if self.dispatch.armed || !self.sup.running() {
             return;
         }
         self.dispatch.armed = true;
         self.dispatch.rearm_at = None;
         let Some(ep) = &self.epoll else { return };
-        for (i, l) in self.dispatch.listeners.iter().enumerate() {
-            let Some(fd) = &l.fd else { continue };
-            let _ = epoll::modify(
-                ep,
-                fd,
-                epoll::EventData::new_u64(TAG_LISTENER | i as u64),
-                epoll::EventFlags::IN,
-            );
+        if self.settings.schedule.hands_off() {
+            for (i, l) in self.dispatch.listeners.iter().enumerate() {
+                let Some(fd) = &l.fd else { continue };
+                let _ = epoll::modify(
+                    ep,
+                    fd,
+                    epoll::EventData::new_u64(TAG_LISTENER | i as u64),
+                    epoll::EventFlags::IN,
+                );
+            }
+        }
+        for ((seat, li), fd) in self.seats.polled_socks() {
+            let _ = epoll::modify(ep, fd, seat_token(seat, li), epoll::EventFlags::IN);
         }
     }
 
     /// Hands `fd` to the next ready worker; gives it back when none can take it.
-    fn dispatch(&mut self, fd: OwnedFd, li: u16) -> core::result::Result<(), (OwnedFd, u16)> {
+    fn dispatch(&mut self, fd: OwnedFd, li: u16, key: u64) -> core::result::Result<(), Queued> {
         while let Some((slot, gen, stamp)) = self.dispatch.ready.pop() {
             let Some(w) = self.table.get_gen(slot, gen) else {
                 continue;
@@ -210,7 +294,7 @@ impl Primary {
                 }
             }
         }
-        Err((fd, li))
+        Err((fd, li, key))
     }
 
     /// The worker's queue drained below the bound.
@@ -239,8 +323,8 @@ impl Primary {
 
     /// Hands out queued connections while workers can take them.
     pub(super) fn drain_pending(&mut self) {
-        while let Some((fd, li)) = self.dispatch.pending.pop_front() {
-            if let Err(back) = self.dispatch(fd, li) {
+        while let Some((fd, li, key)) = self.dispatch.pending.pop_front() {
+            if let Err(back) = self.dispatch(fd, li, key) {
                 self.dispatch.pending.push_front(back);
                 break;
             }
@@ -288,7 +372,9 @@ impl Primary {
     }
 
     /// No more work for the worker in `slot`: O(1), its entry in the ready ring goes stale.
+    /// (Called when a worker leaves, hangs or dies: it also stands up from its seat.)
     pub(super) fn unready(&mut self, slot: usize) {
+        self.stand_up(slot);
         if let Some(w) = self.table.get_mut(slot) {
             if w.in_ready {
                 w.in_ready = false;
@@ -325,9 +411,11 @@ impl Primary {
                 Ok(Some(mut r)) => {
                     if r.frame.kind() == Kind::Connection {
                         if let Some(fd) = r.fds.pop() {
-                            self.dispatch
-                                .pending
-                                .push_back((fd, r.frame.listener().unwrap_or(0)));
+                            self.dispatch.pending.push_back((
+                                fd,
+                                r.frame.listener().unwrap_or(0),
+                                0,
+                            ));
                             self.events.stats.recovered += 1;
                         }
                     }
@@ -366,12 +454,19 @@ impl Primary {
                 };
                 for _ in 0..PENDING_MAX {
                     match rustix::net::accept_with(lfd, d.accept_flags) {
-                        Ok(fd) => d.pending.push_back((fd, i as u16)),
+                        Ok(fd) => d.pending.push_back((fd, i as u16, 0)),
                         Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
                         Err(_) => break,
                     }
                 }
             }
+        }
+        // Reuseport: what waits in every seat's backlog is taken too, and the primary's
+        // copies closed (a seat's worker keeps its copy until its `Disconnect`).
+        for s in 0..self.seats.len() {
+            self.drain_seat(s);
+            self.unpoll_seat(s as u32);
+            self.seats.close(s);
         }
         self.dispatch.armed = false;
         self.dispatch.rearm_at = None;

@@ -178,6 +178,7 @@ impl Primary {
         ));
         self.sup.exited(slot, raw, Instant::now());
         self.apply();
+        self.left_seat(w.seat);
     }
 
     /// Carries out the supervisor's `Disconnect`: no more work, and a `Disconnect` frame (after

@@ -20,6 +20,7 @@ mod events;
 mod lifecycle;
 mod protocol;
 mod schedule;
+mod seats;
 mod spawn;
 mod supervisor;
 mod table;
@@ -37,7 +38,7 @@ use crate::channel::RecvBuf;
 use crate::error::{Call, Error, Result};
 use crate::heartbeat::{Board, FOLD_EVERY};
 use crate::listener::{self, Listener};
-use crate::settings::Settings;
+use crate::settings::{Schedule, Settings};
 use crate::sys::{self, SignalSet};
 use crate::systemd::Lifecycle;
 use crate::worker::WorkerFn;
@@ -48,7 +49,7 @@ pub use table::{State, WorkerInfo};
 use dispatch::Dispatch;
 use events::Events;
 use supervisor::{Action, Probe, Supervisor, TICK};
-use table::{Table, TAG_LISTENER, TAG_MASK, TAG_SIGNAL, TAG_WORKER};
+use table::{Table, TAG_LISTENER, TAG_MASK, TAG_SEAT, TAG_SIGNAL, TAG_WORKER};
 
 const EPOLL_EVENTS: usize = 64;
 /// Shared schedule: how often the primary checks that the shared listeners still listen.
@@ -73,6 +74,7 @@ pub struct Primary {
     settings: Settings,
     table: Table,
     dispatch: Dispatch,
+    seats: seats::Seats,
     sup: Supervisor,
     events: Events,
     evbuf: Box<[epoll::Event; EPOLL_EVENTS]>,
@@ -152,6 +154,7 @@ impl Primary {
         );
         // From here on, whatever fails drops the `Primary`, which restores the signal mask and
         // SIGCHLD's disposition, removes the socket files and kills what was forked.
+        let settings_listeners = listeners.len();
         let mut p = Primary {
             epoll: Some(epoll),
             sigfd: None,
@@ -165,6 +168,14 @@ impl Primary {
                 settings.in_flight,
                 settings.nonblocking,
                 settings.backlog,
+            ),
+            seats: seats::Seats::new(
+                max,
+                if settings.schedule == Schedule::ReusePort {
+                    settings_listeners
+                } else {
+                    0
+                },
             ),
             sup,
             events: Events::with_capacity(8 * max + 64),
@@ -262,6 +273,9 @@ impl Primary {
                 let flags = { e.flags };
                 match data & TAG_MASK {
                     TAG_LISTENER => self.on_listener((data & 0xffff) as usize),
+                    TAG_SEAT => {
+                        self.on_seat(((data >> 8) & 0xff_ffff) as u32, (data & 0xff) as usize)
+                    }
                     TAG_SIGNAL => self.on_signal()?,
                     TAG_WORKER => {
                         let (slot, gen) = table::worker_of(data);
@@ -400,6 +414,7 @@ impl Primary {
         self.apply();
         self.board.fold_all(self.table.len());
         self.check_listeners();
+        self.check_seats();
         self.drain_orphans();
         self.drain_pending();
         self.schedule_tick(now);

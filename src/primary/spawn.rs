@@ -38,6 +38,13 @@ impl Primary {
             .table
             .free_slot()
             .ok_or(Error::Capacity("worker table full"))?;
+        // Its seat: the one of the worker it replaces, else the lowest vacant one; a seat
+        // without sockets gets them now (reuseport), so a failure here is a failed spawn.
+        let share = replaces.and_then(|r| self.table.get(r.slot).map(|w| w.seat));
+        let (seat, make) = self.seats.pick(share);
+        if make {
+            self.open_seat(seat)?;
+        }
         let (mine, theirs) = Channel::pair()?;
         // The in-flight bound: the kernel charges each queued frame to the sender's buffer
         // until the worker reads it, so a small send buffer caps the queue (about
@@ -55,11 +62,18 @@ impl Primary {
         );
         let id = self.table.next_id();
         // An exec'd worker: everything the child needs, made here (it must not allocate).
+        let mut seat_fds: arrayvec::ArrayVec<Option<std::os::fd::RawFd>, 16> =
+            arrayvec::ArrayVec::new();
+        for li in 0..self.seats.nl {
+            seat_fds.push(self.seats.sock(seat, li).map(|f| f.as_raw_fd()));
+        }
         let plan = self.settings.exec.as_ref().map(|spec| {
             (spec.plan)(
                 spec,
                 &crate::settings::PlanInput {
                     id,
+                    seat,
+                    seat_fds: &seat_fds,
                     schedule: self.settings.schedule,
                     nonblocking: self.settings.nonblocking,
                     chan: theirs.as_fd().as_raw_fd(),
@@ -90,7 +104,7 @@ impl Primary {
                 drop(mine);
                 // The primary's duplicate of this worker's end is not the worker's to hold.
                 drop(theirs_dup);
-                self.become_worker(theirs, id, slot, env)
+                self.become_worker(theirs, id, slot, seat, env)
             }
             Forked::Parent(pid) => {
                 drop(theirs);
@@ -123,8 +137,13 @@ impl Primary {
                         max_conns,
                         announced: 0,
                         closed_itself: false,
+                        seat,
+                        sitting: true,
                     },
                 );
+                if self.seats.sit(seat, slot, gen) {
+                    self.unpoll_seat(seat);
+                }
                 self.alive += 1;
                 self.events
                     .push(Ev::Fork(id, pid.as_raw_nonzero().get() as u32));
@@ -143,7 +162,14 @@ impl Primary {
 
     /// In the child, right after fork: keep only this worker's fds, reset signals, run the
     /// worker function, exit.
-    fn become_worker(&mut self, chan: Channel, id: u32, slot: usize, env: &[(&str, &str)]) -> ! {
+    fn become_worker(
+        &mut self,
+        chan: Channel,
+        id: u32,
+        slot: usize,
+        seat: u32,
+        env: &[(&str, &str)],
+    ) -> ! {
         // Die with the primary; if it is already gone, do not start.
         let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
         if rustix::process::getppid() != Some(self.me) {
@@ -166,6 +192,8 @@ impl Primary {
         self.dispatch.orphans.clear();
         self.dispatch.reserve = None;
         let shared = self.settings.schedule.workers_accept();
+        // Reuseport: this seat's sockets; every other seat's are closed.
+        let mut own = self.seats.keep_only(seat).into_iter();
         let listeners = core::mem::take(&mut self.dispatch.listeners)
             .into_iter()
             .map(|l| {
@@ -175,7 +203,11 @@ impl Primary {
                     addr,
                     unlink: _,
                 } = l;
-                (fd.filter(|_| shared), family, addr)
+                let fd = match own.next().flatten() {
+                    Some(seat_fd) => Some(seat_fd),
+                    None => fd.filter(|_| shared),
+                };
+                (fd, family, addr)
             })
             .collect::<Vec<(Option<OwnedFd>, Family, ListenAddr)>>();
         self.epoll = None;
@@ -196,6 +228,7 @@ impl Primary {
             nonblocking: self.settings.nonblocking,
             board: self.board.clone(),
             slot,
+            seat,
         };
         // A panic stops here, as in a `main` that panics (exit code 101): unwinding further
         // would run the primary's stack frames, copied by fork, in this worker, and dropping

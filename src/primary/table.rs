@@ -79,6 +79,10 @@ pub(crate) struct W {
     pub(crate) announced: u32,
     /// It closed its channel itself while alive (disconnecting).
     pub(crate) closed_itself: bool,
+    /// Its seat (see `seats`).
+    pub(crate) seat: u32,
+    /// It takes its seat's work (not leaving, not hung, not dead).
+    pub(crate) sitting: bool,
 }
 
 impl W {
@@ -107,6 +111,8 @@ pub(crate) const TAG_MASK: u64 = 0xff << 56;
 pub(crate) const TAG_LISTENER: u64 = 1 << 56;
 pub(crate) const TAG_SIGNAL: u64 = 2 << 56;
 pub(crate) const TAG_WORKER: u64 = 3 << 56;
+/// A reuseport seat's socket the primary polls: the seat in bits 8.., the listener in 0..8.
+pub(crate) const TAG_SEAT: u64 = 4 << 56;
 /// The slot field of a worker token: 24 bits.
 pub(crate) const MAX_SLOTS: usize = 1 << 24;
 
