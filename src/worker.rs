@@ -53,7 +53,7 @@ pub struct Connection {
     pub listener: usize,
     /// The stream.
     pub stream: Stream,
-    tally: Tally,
+    _open: Tally,
 }
 
 /// Counts a connection as closed, in the worker's shared page, when dropped.
@@ -386,7 +386,7 @@ impl Worker {
         Connection {
             listener,
             stream,
-            tally: Tally(self.closed_word),
+            _open: Tally(self.closed_word),
         }
     }
 

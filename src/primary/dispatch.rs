@@ -16,7 +16,7 @@ use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
 use super::events::Ev;
-use super::schedule::Ready;
+use super::schedule::{Dense, Ready};
 use super::table::{watch, State, TAG_LISTENER, TAG_SEAT};
 use super::Primary;
 use crate::error::Error;
@@ -74,6 +74,9 @@ pub(crate) struct Dispatch {
     pub(crate) rearm_at: Option<Instant>,
     pub(crate) pending: VecDeque<Queued>,
     ready: Ready,
+    /// Least connections and sticky choose from this set instead of the ring.
+    dense: Dense,
+    chosen: bool,
     accept_flags: SocketFlags,
     /// Slots that reached their connection limit (recycled by the supervisor).
     pub(crate) due: Vec<usize>,
@@ -101,14 +104,19 @@ impl Dispatch {
         in_flight: usize,
         nonblocking: bool,
         backlog: i32,
+        schedule: Schedule,
+        seed: u64,
     ) -> Dispatch {
+        let chosen = matches!(schedule, Schedule::LeastConnections | Schedule::Sticky);
         Dispatch {
             listeners,
             armed: true,
             rearm_at: None,
             // Recovered connections may go past this (rarely: an allocation off the hot path).
             pending: VecDeque::with_capacity((PENDING_MAX + max_workers * in_flight).min(1 << 16)),
-            ready: Ready::new(max_workers),
+            ready: Ready::new(if chosen { 0 } else { max_workers }),
+            dense: Dense::new(if chosen { max_workers } else { 0 }, seed),
+            chosen,
             accept_flags: if nonblocking {
                 SocketFlags::CLOEXEC | SocketFlags::NONBLOCK
             } else {
@@ -253,6 +261,9 @@ impl Primary {
 
     /// Hands `fd` to the next ready worker; gives it back when none can take it.
     fn dispatch(&mut self, fd: OwnedFd, li: u16, key: u64) -> core::result::Result<(), Queued> {
+        if self.dispatch.chosen {
+            return self.dispatch_chosen(fd, li, key);
+        }
         while let Some((slot, gen, stamp)) = self.dispatch.ready.pop() {
             let Some(w) = self.table.get_gen(slot, gen) else {
                 continue;
@@ -295,6 +306,95 @@ impl Primary {
             }
         }
         Err((fd, li, key))
+    }
+
+    /// Least connections and sticky: the schedule chooses among the ready set; a worker that
+    /// cannot take the connection leaves the set and the choice is made again.
+    fn dispatch_chosen(
+        &mut self,
+        fd: OwnedFd,
+        li: u16,
+        key: u64,
+    ) -> core::result::Result<(), Queued> {
+        loop {
+            let pick = if self.settings.schedule == Schedule::Sticky && key != 0 {
+                self.pick_sticky(key)
+            } else {
+                self.pick_least()
+            };
+            let Some((slot, gen)) = pick else {
+                return Err((fd, li, key));
+            };
+            let Some(w) = self.table.get_gen(slot, gen) else {
+                self.dispatch.dense.remove(slot);
+                continue;
+            };
+            let Some(chan) = w.chan.as_ref() else {
+                w.in_ready = false;
+                self.dispatch.dense.remove(slot);
+                continue;
+            };
+            self.seq = self.seq.wrapping_add(1);
+            let idx = li.to_le_bytes();
+            match chan.try_send(&Frame::new(Kind::Connection, self.seq, &idx), &[fd.as_fd()]) {
+                Ok(()) => {
+                    drop(fd);
+                    w.dispatched += 1;
+                    self.events.stats.connections += 1;
+                    if w.dispatched == w.max_conns {
+                        self.dispatch.due.push(slot);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    w.in_ready = false;
+                    if e.is_would_block() {
+                        w.blocked = true;
+                        watch(self.epoll.as_ref(), chan, slot, gen, true);
+                    } else {
+                        let _ = self.dispatch.broken.try_push((slot, gen, e));
+                    }
+                    self.dispatch.dense.remove(slot);
+                }
+            }
+        }
+    }
+
+    /// Of two ready workers (the next in round-robin order, one at random), the one with
+    /// fewer open connections: handed over by the primary, less closed by the worker (its
+    /// shared page, no system call).
+    #[inline]
+    fn pick_least(&mut self) -> Option<(usize, u32)> {
+        let (a, b) = self.dispatch.dense.two()?;
+        let Some(b) = b else { return Some(a) };
+        let open = |(slot, _): (usize, u32)| {
+            self.table.get(slot).map_or(u32::MAX, |w| {
+                (w.dispatched as u32).wrapping_sub(self.board.closed(slot))
+            })
+        };
+        Some(if open(b) < open(a) { b } else { a })
+    }
+
+    /// The seat with the highest rendezvous score for the client's address among the seats
+    /// whose worker can take work (the newest of a seat's workers first).
+    fn pick_sticky(&mut self, key: u64) -> Option<(usize, u32)> {
+        let mut best: Option<(u64, (usize, u32))> = None;
+        for seat in 0..self.seats.len() {
+            let Some(&(slot, gen)) = self
+                .seats
+                .takers(seat)
+                .iter()
+                .rev()
+                .find(|&&(s, _)| self.dispatch.dense.contains(s as usize))
+            else {
+                continue;
+            };
+            let score = super::seats::score(key, seat as u32);
+            if best.map_or(true, |(b, _)| score > b) {
+                best = Some((score, (slot as usize, gen)));
+            }
+        }
+        best.map(|(_, w)| w)
     }
 
     /// The worker's queue drained below the bound.
@@ -355,6 +455,14 @@ impl Primary {
             return;
         }
         let stamp = w.ready_stamp;
+        if self.dispatch.chosen {
+            if self.dispatch.dense.insert(slot, gen) {
+                if let Some(w) = self.table.get_mut(slot) {
+                    w.in_ready = true;
+                }
+            }
+            return;
+        }
         if !self.dispatch.ready.push(slot, gen, stamp) {
             let table = &self.table;
             self.dispatch.ready.compact(|s, g, t| {
@@ -379,6 +487,7 @@ impl Primary {
             if w.in_ready {
                 w.in_ready = false;
                 w.ready_stamp = w.ready_stamp.wrapping_add(1);
+                self.dispatch.dense.remove(slot);
             }
         }
     }

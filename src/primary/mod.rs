@@ -168,6 +168,8 @@ impl Primary {
                 settings.in_flight,
                 settings.nonblocking,
                 settings.backlog,
+                settings.schedule,
+                seed,
             ),
             seats: seats::Seats::new(
                 max,

@@ -140,9 +140,10 @@ impl Seats {
         *a == 0 && self.takers[s].is_empty()
     }
 
-    /// The newest worker taking the seat's work.
-    pub(crate) fn taker(&self, seat: usize) -> Option<(usize, u32)> {
-        self.takers.get(seat)?.last().map(|&(s, g)| (s as usize, g))
+    /// The workers taking the seat's work, oldest first.
+    #[inline]
+    pub(crate) fn takers(&self, seat: usize) -> &[(u32, u32)] {
+        self.takers.get(seat).map_or(&[], |t| t.as_slice())
     }
 
     /// Whether a seat is empty and open (its sockets would be closed by a trim).
@@ -372,7 +373,7 @@ mod tests {
         // A replacement shares seat 2 with its old worker.
         assert_eq!(s.pick(Some(2)).0, 2);
         s.sit(2, 6, 0);
-        assert_eq!(s.taker(2), Some((6, 0)));
+        assert_eq!(s.takers(2), &[(2, 0), (6, 0)]);
         assert!(!s.stand(2, 2, 0), "the replacement still takes seat 2");
         assert!(!s.leave(2));
         assert_eq!(s.occupied(), 3);
