@@ -49,6 +49,9 @@ fn main() {
         job_pool_without_listener,
         protocol_violations_are_contained,
         zero_allocations_on_the_hot_path => 30,
+        zero_allocations_least_connections => 30,
+        zero_allocations_sticky => 30,
+        zero_allocations_reuseport => 30,
         primary_and_workers_survive_eintr,
         per_worker_env_and_cluster_stats,
         defer_accept_hands_over_only_connections_with_data,
@@ -374,6 +377,24 @@ fn connect(addr: SocketAddr) -> TcpStream {
 /// Connects, reads the reply to end of file, closes. `Err` for a reset or a timeout.
 fn fetch(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
     let mut s = connect(addr);
+    let mut b = Vec::with_capacity(REPLY_LEN);
+    s.read_to_end(&mut b)?;
+    abort_close(s);
+    Ok(b)
+}
+
+/// [`fetch`] from the local address `src` (any of 127.0.0.0/8).
+fn fetch_from(addr: SocketAddr, src: [u8; 4]) -> std::io::Result<Vec<u8>> {
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )?;
+    let local = SocketAddr::from((src, 0));
+    rustix::net::bind(&fd, &local)?;
+    rustix::net::connect(&fd, &addr)?;
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut b = Vec::with_capacity(REPLY_LEN);
     s.read_to_end(&mut b)?;
     abort_close(s);
@@ -2001,6 +2022,22 @@ fn u64_at(b: &[u8]) -> u64 {
 /// DESIGN §7: accept → dispatch → receive, and messages both ways, allocate nothing, in the
 /// primary and in the workers. The measured loops below use fixed buffers only.
 fn zero_allocations_on_the_hot_path() {
+    zero_allocations(Schedule::RoundRobin);
+}
+
+fn zero_allocations_least_connections() {
+    zero_allocations(Schedule::LeastConnections);
+}
+
+fn zero_allocations_sticky() {
+    zero_allocations(Schedule::Sticky);
+}
+
+fn zero_allocations_reuseport() {
+    zero_allocations(Schedule::ReusePort);
+}
+
+fn zero_allocations(schedule: Schedule) {
     // The counter counts.
     let before = allocs();
     let v = std::hint::black_box(vec![1u8; 64]);
@@ -2010,6 +2047,7 @@ fn zero_allocations_on_the_hot_path() {
         .listen(lo0())
         .workers(2)
         .respawn(false)
+        .schedule(schedule)
         .start(counting_worker)
         .unwrap();
     wait_ready(&mut p, 2);
@@ -2019,7 +2057,7 @@ fn zero_allocations_on_the_hot_path() {
     // The client: sequential connections until told to stop.
     let cl = util::fork_child(move || {
         close_all_but(&[0, 1, 2, stop_fd]);
-        for _ in 0..3 * (WARM + COUNT) {
+        for i in 0..3 * (WARM + COUNT) {
             let mut pfd = [libc::pollfd {
                 fd: stop_fd,
                 events: libc::POLLIN,
@@ -2029,7 +2067,12 @@ fn zero_allocations_on_the_hot_path() {
             if unsafe { libc::poll(pfd.as_mut_ptr(), 1, 0) } > 0 {
                 return 0;
             }
-            let b = fetch(addr).unwrap();
+            // Sticky: from many client addresses, so that both workers get connections.
+            let b = if schedule == Schedule::Sticky {
+                fetch_from(addr, [127, 0, 0, 1 + (i % 64) as u8]).unwrap()
+            } else {
+                fetch(addr).unwrap()
+            };
             assert!(parse_reply(&b).is_some());
         }
         1
