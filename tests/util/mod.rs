@@ -10,6 +10,8 @@
 //! `test result: ok. N passed; M failed; ...` line.
 #![allow(dead_code)]
 
+pub mod cl;
+
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
