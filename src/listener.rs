@@ -87,7 +87,7 @@ pub(crate) struct BindOptions {
 #[allow(clippy::unnecessary_cast)]
 pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
     let (fd, family, unlink) = match spec {
-        Spec::Tcp(addr) if opts.reuseport => (reuseport_socket(addr)?, Family::Tcp, None),
+        Spec::Tcp(addr) if opts.reuseport => (reuseport_bound(addr)?, Family::Tcp, None),
         Spec::Tcp(addr) => (
             OwnedFd::from(TcpListener::bind(addr).call("bind")?),
             Family::Tcp,
@@ -112,6 +112,22 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
         addr,
         unlink,
     })
+}
+
+/// [`reuseport_socket`], and for port 0 bound again to the port the kernel chose: a socket
+/// bound to port 0 gives its port back when it stops listening (a `shutdown`), and would
+/// listen again on another port; one bound to a port keeps it.
+fn reuseport_bound(addr: SocketAddr) -> Result<OwnedFd> {
+    let first = reuseport_socket(addr)?;
+    if addr.port() != 0 {
+        return Ok(first);
+    }
+    let ListenAddr::Tcp(chosen) = local_addr(first.as_fd(), Family::Tcp)? else {
+        return Err(crate::error::Error::Invalid(
+            "a TCP socket with a non-TCP address",
+        ));
+    };
+    reuseport_socket(chosen)
 }
 
 /// A TCP socket bound to `addr` with `SO_REUSEADDR` and `SO_REUSEPORT` (not listening yet).

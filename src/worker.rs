@@ -427,8 +427,10 @@ impl Worker {
                     // Out of fds or memory: failing would drop every connection this worker
                     // serves, and retrying would spin. Pause (the connections wait in the
                     // backlog or go to other workers) and try again after a moment.
+                    // (EINVAL: the socket was shut down and does not listen now; under
+                    // reuseport the primary has it listen again within a second.)
                     Err(Errno::MFILE) | Err(Errno::NFILE) | Err(Errno::NOBUFS)
-                    | Err(Errno::NOMEM) => {
+                    | Err(Errno::NOMEM) | Err(Errno::INVAL) => {
                         self.pause_accepting()?;
                         return Ok(None);
                     }

@@ -195,6 +195,8 @@ impl Primary {
     fn info(&self, slot: usize, w: &W, now: Instant) -> WorkerInfo {
         // Handed over by the primary, and (shared, reuseport) accepted by the worker itself.
         let connections = w.dispatched + self.board.conns(slot);
+        let open_connections =
+            u64::from((connections as u32).wrapping_sub(self.board.closed(slot)));
         let (started, beat_seen) = self.sup.times(slot).unwrap_or((now, now));
         WorkerInfo {
             id: w.id,
@@ -204,6 +206,8 @@ impl Primary {
             exited_after_disconnect: w.leaving,
             uptime: now.saturating_duration_since(started),
             connections,
+            open_connections,
+            seat: w.seat,
             messages: self.board.msgs(slot),
             queued_bytes: w
                 .peer

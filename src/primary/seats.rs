@@ -69,12 +69,14 @@ impl Seats {
     }
 
     /// The seat a new worker takes: `share` (the seat of the worker it replaces), else the
-    /// lowest seat nobody sits in, else a new one. The second value: its sockets must be made.
+    /// lowest seat whose work nobody takes (its worker died, hung or is leaving), else a new
+    /// one. The second value: its sockets must be made.
     pub(crate) fn pick(&mut self, share: Option<u32>) -> (u32, bool) {
         if let Some(s) = share.filter(|&s| (s as usize) < self.len()) {
             return (s, self.nl > 0 && !self.open[s as usize]);
         }
-        let vacant = (0..self.len()).find(|&s| self.alive[s] == 0 && self.takers[s].is_empty());
+        // Nobody takes its work (a worker still finishing there may be leaving).
+        let vacant = (0..self.len()).find(|&s| self.takers[s].is_empty());
         let s = match vacant {
             Some(s) => s,
             None => {

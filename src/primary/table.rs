@@ -37,8 +37,15 @@ pub struct WorkerInfo {
     pub exited_after_disconnect: bool,
     /// Time since fork.
     pub uptime: Duration,
-    /// Connections it took (round-robin: handed to it; shared: it accepted).
+    /// Connections it took (handed to it by the primary, and, shared and reuseport, those it
+    /// accepted itself).
     pub connections: u64,
+    /// Connections it holds open now: those it took, less the [`Connection`](crate::Connection)s
+    /// it dropped (or took the stream out of). Read from its shared page, no system call.
+    pub open_connections: u64,
+    /// Its seat: the place it holds among the workers, kept by its replacements (see
+    /// [`Worker::seat`](crate::Worker::seat)).
+    pub seat: u32,
     /// Messages it received from the primary.
     pub messages: u64,
     /// Bytes of frames queued for it that it has not read yet (connection hand-offs are 18
