@@ -172,7 +172,7 @@ fn listen(fd: &OwnedFd, family: Family, opts: BindOptions) -> Result<()> {
     rustix::net::listen(fd, backlog).call("listen")?;
     // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
     // the shared schedule the workers race for each connection.
-    rustix::io::ioctl_fionbio(&fd, true).call("ioctl(FIONBIO)")?;
+    rustix::io::ioctl_fionbio(fd, true).call("ioctl(FIONBIO)")?;
     if let (Some(secs), Family::Tcp) = (defer_accept, family) {
         crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
     }

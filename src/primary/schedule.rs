@@ -61,6 +61,9 @@ pub(crate) struct Dense {
 
 const ABSENT: u32 = u32::MAX;
 
+/// A worker of the set: (slot, generation).
+pub(crate) type Pick = (usize, u32);
+
 impl Dense {
     /// Room for `max` workers; nothing allocates after this.
     pub(crate) fn new(max: usize, seed: u64) -> Dense {
@@ -123,7 +126,7 @@ impl Dense {
     /// one at random. The caller takes the one with fewer open connections (the first on a
     /// tie, so that an even load stays round-robin).
     #[inline]
-    pub(crate) fn two(&mut self) -> Option<((usize, u32), Option<(usize, u32)>)> {
+    pub(crate) fn two(&mut self) -> Option<(Pick, Option<Pick>)> {
         let a = self.next_rr()?;
         let n = self.items.len();
         if n < 2 {
