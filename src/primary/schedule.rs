@@ -162,7 +162,7 @@ mod tests {
         for s in 0..16 {
             assert_eq!(
                 d.contains(s),
-                matches!(s, 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8),
+                (1..=8).contains(&s),
                 "{s}"
             );
         }
