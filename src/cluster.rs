@@ -79,6 +79,7 @@ pub struct Builder {
     workers: Option<usize>,
     schedule: Schedule,
     in_flight: usize,
+    max_open: Option<u32>,
     max_workers: usize,
     nonblocking: bool,
     backlog: i32,
@@ -104,6 +105,7 @@ impl Cluster {
             workers: None,
             schedule: Schedule::RoundRobin,
             in_flight: 16,
+            max_open: None,
             max_workers: 1024,
             nonblocking: false,
             backlog: 511,
@@ -185,6 +187,23 @@ impl Builder {
     /// buffer holds about 6.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.in_flight = n;
+        self
+    }
+
+    /// The most connections one worker holds open at once (Node's `server.maxConnections`;
+    /// default: no limit). A worker at the limit gets no new connection from the primary, and
+    /// one that reaches it anyway (accepted itself, or handed over just as its count rose)
+    /// is handed back with [`Worker::refuse`](crate::Worker::refuse) and served by another
+    /// worker: where Node drops such a connection, forkcluster loses none. When every worker
+    /// is at the limit, connections wait in the primary's queue and then in the kernel's
+    /// backlog. A connection counts from its hand-over until its
+    /// [`Connection`](crate::Connection) is dropped or its stream taken out.
+    ///
+    /// ```
+    /// let b = forkcluster::Cluster::builder().max_connections_per_worker(100);
+    /// ```
+    pub fn max_connections_per_worker(mut self, n: u32) -> Self {
+        self.max_open = Some(n);
         self
     }
 
@@ -512,7 +531,13 @@ impl Builder {
                 }
             }
         }
+        if self.max_open == Some(0) {
+            return Err(Error::Invalid(
+                "max_connections_per_worker must be at least 1",
+            ));
+        }
         let settings = Settings {
+            max_open: self.max_open,
             backlog: self.backlog,
             bind: opts,
             schedule: self.schedule,

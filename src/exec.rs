@@ -64,6 +64,7 @@ const VAR_WORKER: &str = "FORKCLUSTER_WORKER";
 const VAR_CHANNEL: &str = "FORKCLUSTER_CHANNEL_FD";
 const VAR_SCHEDULE: &str = "FORKCLUSTER_SCHEDULE";
 const VAR_SEAT: &str = "FORKCLUSTER_SEAT";
+const VAR_MAX_OPEN: &str = "FORKCLUSTER_MAX_CONNECTIONS";
 const VAR_NONBLOCKING: &str = "FORKCLUSTER_NONBLOCKING";
 const VAR_LISTENERS: &str = "FORKCLUSTER_LISTENERS";
 const VAR_ADDR: &str = "FORKCLUSTER_LISTEN_ADDR_";
@@ -96,6 +97,7 @@ impl Plan {
     pub(crate) fn new(spec: &ExecSpec, input: &PlanInput<'_>) -> Plan {
         let PlanInput {
             id,
+            max_open,
             seat,
             seat_fds,
             schedule,
@@ -156,6 +158,10 @@ impl Plan {
             (VAR_CHANNEL, EXEC_CHANNEL_FD.to_string()),
             (VAR_SCHEDULE, schedule.name().to_string()),
             (VAR_SEAT, seat.to_string()),
+            (
+                VAR_MAX_OPEN,
+                max_open.map_or(String::new(), |n| n.to_string()),
+            ),
             (
                 VAR_NONBLOCKING,
                 if nonblocking { "1" } else { "0" }.to_string(),
@@ -243,6 +249,7 @@ impl core::fmt::Display for Lossy<'_> {
 /// The protocol's variables of this process, parsed.
 struct FromEnv {
     id: u32,
+    max_open: Option<u32>,
     seat: u32,
     chan: RawFd,
     schedule: Schedule,
@@ -359,7 +366,14 @@ fn parse_env() -> Result<FromEnv> {
         Some(v) => number(&v, "FORKCLUSTER_SEAT is not a seat number")?,
         None => 0,
     };
+    let max_open = match var(VAR_MAX_OPEN) {
+        Some(v) if !v.is_empty() => {
+            Some(number(&v, "FORKCLUSTER_MAX_CONNECTIONS is not a number")?)
+        }
+        _ => None,
+    };
     Ok(FromEnv {
+        max_open,
         id,
         seat,
         chan,
@@ -514,6 +528,7 @@ impl Worker {
             listeners,
             schedule: env.schedule,
             nonblocking: env.nonblocking,
+            max_open: env.max_open,
             // Counters of its own, that nobody reads: the primary's pages do not survive exec.
             board: Rc::new(Board::new(1)?),
             slot: 0,

@@ -136,6 +136,8 @@ pub(crate) struct Settings {
     pub(crate) bind: crate::listener::BindOptions,
     pub(crate) schedule: Schedule,
     pub(crate) in_flight: usize,
+    /// `Builder::max_connections_per_worker`.
+    pub(crate) max_open: Option<u32>,
     pub(crate) max_workers: usize,
     pub(crate) nonblocking: bool,
     pub(crate) env: Vec<(String, String)>,
@@ -160,6 +162,7 @@ pub(crate) struct ExecSpec {
 /// What one exec'd spawn needs from the primary, besides its [`ExecSpec`].
 pub(crate) struct PlanInput<'a> {
     pub(crate) id: u32,
+    pub(crate) max_open: Option<u32>,
     pub(crate) seat: u32,
     /// Reuseport: the seat's socket for each listener that has one (instead of the shared one).
     pub(crate) seat_fds: &'a [Option<std::os::fd::RawFd>],

@@ -207,6 +207,10 @@ pub struct Worker {
     closed_word: Option<&'static AtomicU32>,
     /// The worker's seat (see [`seat`](Self::seat)).
     seat: u32,
+    /// `Builder::max_connections_per_worker`.
+    max_open: Option<u32>,
+    /// Connections made into [`Connection`]s (wraps, as the closed count does).
+    taken: u32,
     /// A spare fd, so that a frame's fds always have room (see `step`).
     reserve: Option<OwnedFd>,
 }
@@ -218,6 +222,7 @@ pub(crate) struct WorkerInit {
     pub(crate) listeners: Vec<(Option<OwnedFd>, Family, ListenAddr)>,
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
+    pub(crate) max_open: Option<u32>,
     pub(crate) board: Rc<Board>,
     pub(crate) slot: usize,
     pub(crate) seat: u32,
@@ -285,6 +290,8 @@ impl Worker {
             next_listener: 0,
             closed_word: None,
             seat: init.seat,
+            max_open: init.max_open,
+            taken: 0,
             page: Own::new(init.board, init.slot),
             // Made now, so that the worker's fds are the same from its first frame on.
             reserve: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).ok(),
@@ -374,7 +381,52 @@ impl Worker {
         Ok(())
     }
 
-    fn stream(&self, fd: OwnedFd, listener: usize) -> Connection {
+    /// Connections this worker holds open: made, less dropped.
+    pub fn open_connections(&self) -> u32 {
+        let closed = self.closed_word.map_or(0, |w| w.load(Ordering::Relaxed));
+        self.taken.wrapping_sub(closed)
+    }
+
+    /// Hands a connection back to the primary, which gives it to another worker (and, in the
+    /// hand-off schedules, gives this one no new connection for a moment, about 100 ms). For a
+    /// worker that cannot serve it now: overloaded, draining, or at
+    /// [`max_connections_per_worker`](crate::Builder::max_connections_per_worker) (then
+    /// [`next`](Self::next) does it itself). Nothing is read from or written to the
+    /// connection; the client sees nothing of it. Waits while the channel is full.
+    ///
+    /// ```no_run
+    /// # fn f(mut w: forkcluster::Worker) -> forkcluster::Result<()> {
+    /// while let Some(n) = w.next()? {
+    ///     if let forkcluster::Next::Connection(c) = n {
+    ///         if w.open_connections() > 1000 {
+    ///             w.refuse(c)?;
+    ///             continue;
+    ///         }
+    ///         // serve c
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn refuse(&mut self, c: Connection) -> Result<()> {
+        let idx = (c.listener as u16).to_le_bytes();
+        self.seq = self.seq.wrapping_add(1);
+        let f = Frame::new(Kind::Connection, self.seq, &idx).with_fds(1);
+        self.chan.send(&f, &[c.as_fd()])
+    }
+
+    /// A new connection, unless it is one more than `max_open` allows: then it is refused.
+    fn admit(&mut self, c: Connection) -> Result<Option<Connection>> {
+        match self.max_open {
+            Some(n) if self.open_connections() > n => {
+                self.refuse(c)?;
+                Ok(None)
+            }
+            _ => Ok(Some(c)),
+        }
+    }
+
+    fn stream(&mut self, fd: OwnedFd, listener: usize) -> Connection {
+        self.taken = self.taken.wrapping_add(1);
         let family = self
             .listeners
             .get(listener)
@@ -524,7 +576,10 @@ impl Worker {
             if self.epoll.is_some() && !self.disconnecting && !self.paused {
                 if let Some(c) = self.accept_one()? {
                     self.accepted = true;
-                    return Ok(Some(Next::Connection(c)));
+                    match self.admit(c)? {
+                        Some(c) => return Ok(Some(Next::Connection(c))),
+                        None => continue,
+                    }
                 }
                 // The listeners are drained. If that drain took connections, the channel is
                 // left for the next round: a waiting frame keeps the worker's fd readable, so it
@@ -562,7 +617,10 @@ impl Worker {
                         // hand-offs itself, so that would be dead work per connection.
                         let Some(fd) = fds.pop() else { continue };
                         let c = self.stream(fd, listener.unwrap_or(0) as usize);
-                        return Ok(Some(Next::Connection(c)));
+                        match self.admit(c)? {
+                            Some(c) => return Ok(Some(Next::Connection(c))),
+                            None => continue,
+                        }
                     }
                     Kind::Message => {
                         self.page.count_msg();

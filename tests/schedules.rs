@@ -22,6 +22,8 @@ fn main() {
         reuseport_shutdown_touches_only_its_own_seat,
         least_connections_avoids_a_worker_holding_a_connection => 30,
         sticky_clients_keep_their_seat_across_a_respawn => 40,
+        max_connections_per_worker_sends_the_rest_elsewhere => 30,
+        a_refused_connection_is_served_by_another_worker => 30,
     ])
 }
 
@@ -460,4 +462,82 @@ fn sticky_clients_keep_their_seat_across_a_respawn() {
     let after: Vec<u32> = after.iter().map(|id| seats[id]).collect();
     assert_eq!(after, first, "every address is back on its seat");
     finish(p);
+}
+
+/// `max_connections_per_worker(1)`: while one worker holds a connection, every new one goes to
+/// the other, in every hand-off schedule; nothing is refused at the client.
+fn max_connections_per_worker_sends_the_rest_elsewhere() {
+    for schedule in [
+        Schedule::RoundRobin,
+        Schedule::LeastConnections,
+        Schedule::Sticky,
+    ] {
+        let mut p = Cluster::builder()
+            .listen(lo0())
+            .workers(2)
+            .schedule(schedule)
+            .max_connections_per_worker(1)
+            .start(hold_or_serve)
+            .unwrap();
+        wait_ready(&mut p, 2);
+        let addr = tcp_addr(&p, 0);
+        let mut held = TcpStream::connect(addr).unwrap();
+        held.write_all(b"H").unwrap();
+        let holder = match until(&mut p, Duration::from_secs(5), |e| {
+            matches!(e, E::Message { .. })
+        })
+        .pop()
+        {
+            Some(E::Message { id, .. }) => id,
+            other => panic!("{other:?}"),
+        };
+        let ids = u32s(&client_quiet(&mut p, Duration::from_secs(15), move || {
+            get_ids(addr, 20)
+        }));
+        assert_eq!(ids.len(), 20);
+        assert!(
+            ids.iter().all(|&i| i != holder),
+            "{schedule:?}: the worker at its limit got {ids:?}"
+        );
+        drop(held);
+        finish(p);
+    }
+}
+
+/// A worker refuses every connection (`Worker::refuse`, before reading it): each one is
+/// served in full by the other worker, whether the primary handed it over (round-robin) or
+/// the worker accepted it itself (reuseport).
+fn a_refused_connection_is_served_by_another_worker() {
+    fn refuse_if_first(mut w: Worker) -> i32 {
+        let id = w.id();
+        while let Some(n) = w.next().expect("worker: next") {
+            match n {
+                Next::Connection(c) if id == 1 => w.refuse(c).unwrap(),
+                Next::Connection(mut c) => {
+                    let _ = c.write_all(&reply(id, 0));
+                }
+                Next::Message(_) => {}
+                Next::Disconnect => break,
+            }
+        }
+        0
+    }
+    for schedule in [Schedule::RoundRobin, Schedule::ReusePort, Schedule::Shared] {
+        let mut p = Cluster::builder()
+            .listen(lo0())
+            .workers(2)
+            .schedule(schedule)
+            .start(refuse_if_first)
+            .unwrap();
+        wait_ready(&mut p, 2);
+        let addr = tcp_addr(&p, 0);
+        let ids = u32s(&client_quiet(&mut p, Duration::from_secs(20), move || {
+            burst(addr, 40)
+        }));
+        assert_eq!(ids.len(), 40);
+        assert!(ids.iter().all(|&i| i == 2), "{schedule:?}: {ids:?}");
+        assert!(p.stats().refused > 0, "{schedule:?}: worker 1 refused some");
+        assert_eq!(p.worker(1).unwrap().open_connections, 0);
+        finish(p);
+    }
 }

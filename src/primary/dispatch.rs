@@ -90,6 +90,11 @@ pub(crate) struct Dispatch {
     pub(crate) broken: ArrayVec<(usize, u32, Error), 8>,
     /// The listen backlog (for a listener that has to listen again).
     backlog: i32,
+    /// Workers held out of the ready set for a moment: at their connection limit, or they
+    /// refused a connection. Looked at again at every tick.
+    pub(crate) full: Vec<(usize, u32)>,
+    /// `Builder::max_connections_per_worker`.
+    max_open: Option<u32>,
 }
 
 impl Dispatch {
@@ -128,6 +133,8 @@ impl Dispatch {
             held: 0,
             broken: ArrayVec::new(),
             backlog,
+            full: Vec::with_capacity(max_workers),
+            max_open: None,
         }
     }
 }
@@ -196,6 +203,73 @@ impl Primary {
                     return;
                 }
             }
+        }
+    }
+
+    /// `Builder::max_connections_per_worker`, for the checks before each hand-off.
+    pub(super) fn set_max_open(&mut self, n: Option<u32>) {
+        self.dispatch.max_open = n;
+    }
+
+    /// The worker in `slot` holds its most connections (`max_connections_per_worker`): read
+    /// from its shared page.
+    #[inline]
+    fn at_limit(&self, slot: usize, dispatched: u64) -> bool {
+        self.dispatch.max_open.is_some_and(|n| {
+            (dispatched as u32)
+                .wrapping_add(self.board.conns(slot) as u32)
+                .wrapping_sub(self.board.closed(slot))
+                >= n
+        })
+    }
+
+    /// A worker handed a connection back: another worker gets it (first in line), and this
+    /// one gets nothing until the next tick finds it below its limit.
+    pub(super) fn refused(&mut self, slot: usize, fd: OwnedFd, li: u16) {
+        self.events.stats.refused += 1;
+        self.hold_back(slot);
+        self.dispatch.pending.push_front((fd, li, 0));
+        self.drain_pending();
+    }
+
+    /// Takes the worker in `slot` out of the ready set until a tick looks at it again.
+    fn hold_back(&mut self, slot: usize) {
+        let gen = self.table.gen(slot);
+        let Some(w) = self.table.get_mut(slot) else {
+            return;
+        };
+        if w.held_back {
+            return;
+        }
+        w.held_back = true;
+        if w.in_ready {
+            w.in_ready = false;
+            w.ready_stamp = w.ready_stamp.wrapping_add(1);
+            self.dispatch.dense.remove(slot);
+        }
+        self.dispatch.full.push((slot, gen));
+        self.arm_tick(Instant::now() + super::supervisor::TICK);
+    }
+
+    /// At a tick: workers held back that are below their limit take work again.
+    pub(super) fn recheck_full(&mut self) {
+        let mut i = 0;
+        while i < self.dispatch.full.len() {
+            let (slot, gen) = self.dispatch.full[i];
+            let Some(w) = self.table.get_gen(slot, gen) else {
+                self.dispatch.full.swap_remove(i);
+                continue;
+            };
+            let dispatched = w.dispatched;
+            if self.at_limit(slot, dispatched) {
+                i += 1;
+                continue;
+            }
+            self.dispatch.full.swap_remove(i);
+            if let Some(w) = self.table.get_mut(slot) {
+                w.held_back = false;
+            }
+            self.make_ready(slot);
         }
     }
 
@@ -272,6 +346,18 @@ impl Primary {
                 continue;
             }
             w.in_ready = false;
+            let dispatched = w.dispatched;
+            if self.dispatch.max_open.is_some() && self.at_limit(slot, dispatched) {
+                // Its entry was taken: held back, it returns at a tick below its limit.
+                if let Some(w) = self.table.get_mut(slot) {
+                    w.in_ready = true;
+                }
+                self.hold_back(slot);
+                continue;
+            }
+            let Some(w) = self.table.get_gen(slot, gen) else {
+                continue;
+            };
             let Some(chan) = w.chan.as_ref() else {
                 continue;
             };
@@ -327,6 +413,14 @@ impl Primary {
             };
             let Some(w) = self.table.get_gen(slot, gen) else {
                 self.dispatch.dense.remove(slot);
+                continue;
+            };
+            let dispatched = w.dispatched;
+            if self.dispatch.max_open.is_some() && self.at_limit(slot, dispatched) {
+                self.hold_back(slot);
+                continue;
+            }
+            let Some(w) = self.table.get_gen(slot, gen) else {
                 continue;
             };
             let Some(chan) = w.chan.as_ref() else {
@@ -446,6 +540,7 @@ impl Primary {
             return;
         };
         if w.in_ready
+            || w.held_back
             || w.blocked
             || w.state != State::Listening
             || (w.leaving && !w.disconnect_pending)

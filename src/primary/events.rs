@@ -47,8 +47,13 @@ pub struct ClusterStats {
     /// Children that were not workers, reaped because the primary is PID 1 or a child
     /// subreaper (orphaned grandchildren).
     pub orphans_reaped: u64,
-    /// Shared schedule: times a TCP listener that a worker had shut down listened again.
+    /// Shared and reuseport schedules: times a TCP listener that a worker had shut down
+    /// listened again.
     pub listeners_restored: u64,
+    /// Connections a worker handed back ([`Worker::refuse`](crate::Worker::refuse), or
+    /// [`max_connections_per_worker`](crate::Builder::max_connections_per_worker)), given to
+    /// another worker.
+    pub refused: u64,
 }
 
 /// Something that happened in the cluster. One line each through `Display`.

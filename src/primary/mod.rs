@@ -230,6 +230,7 @@ impl Primary {
             }
         }
         p.dispatch.reserve = p.make_reserve();
+        p.set_max_open(p.settings.max_open);
         for _ in 0..n {
             p.spawn(&[], None, false)?;
         }
@@ -417,6 +418,7 @@ impl Primary {
         self.board.fold_all(self.table.len());
         self.check_listeners();
         self.check_seats();
+        self.recheck_full();
         self.drain_orphans();
         self.drain_pending();
         self.schedule_tick(now);
@@ -428,6 +430,7 @@ impl Primary {
 
     fn schedule_tick(&mut self, now: Instant) {
         let periodic = self.sup.needs_tick()
+            || !self.dispatch.full.is_empty()
             || self.dispatch.rearm_at.is_some()
             || !self.dispatch.orphans.is_empty();
         // The workers' 32-bit counters are folded into 64-bit totals at every tick, and ticks

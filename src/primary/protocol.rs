@@ -38,6 +38,8 @@ pub(crate) enum Verdict {
     Looping,
     /// A message for the application.
     Message,
+    /// A connection handed back (refused): it goes to another worker.
+    Refused(u16),
     /// Optional frames (acknowledgements, stats): nothing to do.
     Ignore,
     /// The worker closes its channel.
@@ -80,9 +82,12 @@ pub(crate) fn judge(kind: Kind, listener: Option<u16>, listeners: usize, said: u
         // memory.
         Kind::Ack | Kind::Stats => Verdict::Ignore,
         Kind::Close => Verdict::Close,
-        Kind::Connection | Kind::Disconnect => {
-            Verdict::Violation("a worker sent a primary-only frame kind")
-        }
+        // A connection handed back (`Worker::refuse`): the frame the primary sent, returned.
+        Kind::Connection => match listener {
+            Some(li) if (li as usize) < listeners => Verdict::Refused(li),
+            _ => Verdict::Violation("a connection handed back for a listener that does not exist"),
+        },
+        Kind::Disconnect => Verdict::Violation("a worker sent a primary-only frame kind"),
     }
 }
 
@@ -182,6 +187,12 @@ impl Primary {
                         self.drain_pending();
                         self.sup.ready(slot, Instant::now());
                         self.apply();
+                    }
+                }
+                Verdict::Refused(li) => {
+                    let mut fds = fds;
+                    if let Some(fd) = fds.pop() {
+                        self.refused(slot, fd, li);
                     }
                 }
                 Verdict::Ignore => {}

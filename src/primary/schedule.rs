@@ -160,11 +160,7 @@ mod tests {
         d.remove(0);
         d.insert(3, 1);
         for s in 0..16 {
-            assert_eq!(
-                d.contains(s),
-                (1..=8).contains(&s),
-                "{s}"
-            );
+            assert_eq!(d.contains(s), (1..=8).contains(&s), "{s}");
         }
         let mut seen = [0; 16];
         for _ in 0..800 {

@@ -72,6 +72,7 @@ impl Primary {
                 spec,
                 &crate::settings::PlanInput {
                     id,
+                    max_open: self.settings.max_open,
                     seat,
                     seat_fds: &seat_fds,
                     schedule: self.settings.schedule,
@@ -139,6 +140,7 @@ impl Primary {
                         closed_itself: false,
                         seat,
                         sitting: true,
+                        held_back: false,
                     },
                 );
                 if self.seats.sit(seat, slot, gen) {
@@ -226,6 +228,7 @@ impl Primary {
             listeners,
             schedule: self.settings.schedule,
             nonblocking: self.settings.nonblocking,
+            max_open: self.settings.max_open,
             board: self.board.clone(),
             slot,
             seat,

@@ -88,6 +88,8 @@ pub(crate) struct W {
     pub(crate) closed_itself: bool,
     /// Its seat (see `seats`).
     pub(crate) seat: u32,
+    /// Out of the ready set until a tick (at its connection limit, or it refused one).
+    pub(crate) held_back: bool,
     /// It takes its seat's work (not leaving, not hung, not dead).
     pub(crate) sitting: bool,
 }
