@@ -47,7 +47,9 @@
 //! | `Listening(i)` otherwise | violation |
 //! | `Ack`, `Stats` | nothing |
 //! | `Close` | terminal, not a violation: the worker disconnects itself |
-//! | `Connection`, `Disconnect` | violation (primary-only kinds) |
+//! | `Connection(i)`, `i` < listeners | nothing: a connection handed back (refused), which the primary gives to another worker |
+//! | `Connection(i)` otherwise | violation |
+//! | `Disconnect` | violation (primary-only kind) |
 //!
 //! A violation is terminal: `WorkerError`, SIGKILL, channel closed. `shutdown(SHUT_WR)` is
 //! terminal (end of file: the worker disconnects itself). An exit is terminal once everything
@@ -75,7 +77,9 @@
 //! Byte 0: bits 0-1 workers (`1 + v % 3`), bits 2-3 TCP listeners on 127.0.0.1:0 (`v % 3`),
 //! bit 4 fast stop (`stop(false)`) instead of `disconnect_all` at the end, bit 5 short timeouts
 //! (graceful and fast: 30 ms instead of 2.5 s), bit 6 the shared schedule instead of
-//! round-robin (the worker then finds its channel among its fds). Then records: a head
+//! round-robin (the worker then finds its channel among its fds), bit 7 the other schedule of
+//! the family (reuseport instead of shared, least-connections instead of round-robin). Then
+//! records: a head
 //! byte (bits 0-4 the op `% 16`, bits 5-7 the worker `% workers`) and the op's operands (missing
 //! bytes read as 0). `len` is two bytes little-endian. See `Op` for the ops.
 //!
@@ -155,6 +159,8 @@ struct Plan {
     /// The shared schedule (workers accept on the listeners themselves) instead of
     /// round-robin.
     shared: bool,
+    /// Reuseport instead of shared, least-connections instead of round-robin.
+    other: bool,
     workers: Vec<Vec<Act>>,
 }
 
@@ -176,7 +182,7 @@ enum Op {
     /// `[16 bytes]`: `Stats`.
     Stats = 6,
     Close = 7,
-    /// `[index: 2]`: a `Connection` frame with one fd (primary-only).
+    /// `[index: 2]`: a `Connection` frame with one fd (a connection handed back).
     Connection = 8,
     /// Primary-only.
     Disconnect = 9,
@@ -251,6 +257,7 @@ fn decode_plan(data: &[u8]) -> Plan {
     let fast_stop = cfg & 0x10 != 0;
     let short = cfg & 0x20 != 0;
     let shared = cfg & 0x40 != 0;
+    let other = cfg & 0x80 != 0;
     let mut workers: Vec<Vec<Act>> = vec![Vec::new(); n];
     let mut sends = vec![0usize; n];
     let mut slept = vec![0u32; n];
@@ -385,6 +392,7 @@ fn decode_plan(data: &[u8]) -> Plan {
         fast_stop,
         short,
         shared,
+        other,
         workers,
     }
 }
@@ -494,7 +502,11 @@ fn verdict(bytes: &[u8], nfds: usize, listeners: usize, said: &mut u32) -> Verdi
         }
         Kind::Ack | Kind::Stats => Verdict::Nothing,
         Kind::Close => Verdict::Close,
-        Kind::Connection | Kind::Disconnect => invalid("a worker sent a primary-only frame kind"),
+        Kind::Connection => match frame.listener() {
+            Some(li) if (li as usize) < listeners => Verdict::Nothing,
+            _ => invalid("a connection handed back for a listener that does not exist"),
+        },
+        Kind::Disconnect => invalid("a worker sent a primary-only frame kind"),
     }
 }
 
@@ -944,10 +956,19 @@ fn show_obs(o: &Obs) -> String {
     }
 }
 
+fn schedule_of(plan: &Plan) -> Schedule {
+    match (plan.shared, plan.other) {
+        (true, false) => Schedule::Shared,
+        (true, true) => Schedule::ReusePort,
+        (false, false) => Schedule::RoundRobin,
+        (false, true) => Schedule::LeastConnections,
+    }
+}
+
 fn show_plan(plan: &Plan) -> String {
     let mut s = format!(
         "{}, {} listeners, {} stop, {} timeouts",
-        if plan.shared { "shared" } else { "round-robin" },
+        schedule_of(plan).name(),
         plan.listeners,
         if plan.fast_stop { "fast" } else { "graceful" },
         if plan.short { "short" } else { "long" }
@@ -1065,11 +1086,7 @@ fn run(data: &[u8]) {
         .max_workers(n)
         .respawn(false)
         .handle_signals(false)
-        .schedule(if plan.shared {
-            Schedule::Shared
-        } else {
-            Schedule::RoundRobin
-        })
+        .schedule(schedule_of(&plan))
         .graceful_timeout(timeout)
         .fast_timeout(timeout);
     for _ in 0..plan.listeners {

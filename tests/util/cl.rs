@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use forkcluster::{Error, Event, ListenAddr, Next, Primary, Worker};
 
-use super as util;
-
 // ---------------------------------------------------------------------------------------------
 // Events, owned (so that the primary can be used again while one is looked at).
 
@@ -224,7 +222,7 @@ pub fn kill(pid: u32, sig: i32) {
 /// Drops the primary and checks that every worker it had was killed and reaped.
 pub fn finish(p: Primary) {
     drop(p);
-    let left = util::children_of(me());
+    let left = super::children_of(me());
     assert!(
         left.is_empty(),
         "children left after the primary was dropped: {left:?}"
@@ -363,14 +361,14 @@ pub fn client(
 ) -> Vec<u8> {
     let (r, w) = pipe();
     let wfd = w.as_raw_fd();
-    let pid = util::fork_child(move || {
+    let pid = super::fork_child(move || {
         close_all_but(&[0, 1, 2, wfd]);
         let out = f();
         let mut file = File::from(w);
         file.write_all(&out).unwrap();
         0
     });
-    let _guard = util::KillOnDrop(pid);
+    let _guard = super::KillOnDrop(pid);
     rustix::io::ioctl_fionbio(&r, true).unwrap();
     let mut file = File::from(r);
     let mut out = Vec::new();
@@ -393,7 +391,7 @@ pub fn client(
         let e = ev(p, Duration::from_millis(5));
         on(p, e);
     }
-    let st = util::wait_child(pid, Duration::from_secs(5));
+    let st = super::wait_child(pid, Duration::from_secs(5));
     std::mem::forget(_guard);
     assert!(
         libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
