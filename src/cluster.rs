@@ -270,7 +270,8 @@ impl Builder {
     /// never accepts: it returns the primary's messages and the disconnect only. The stream
     /// listeners are then left blocking, so a plain `incoming()` loop works unchanged (the
     /// blocking mode is the socket's, one for the primary and every worker, which is why this
-    /// is the cluster's choice and not a worker's). Default off.
+    /// is the cluster's choice and not a worker's). Default off. Workers still announce their
+    /// listeners at their first `next`/`try_next`: call `try_next` once before serving.
     ///
     /// A worker blocked in `accept` does not see [`Next::Disconnect`](crate::Next::Disconnect):
     /// read [`Worker::next`](crate::Worker::next) on another thread of the worker (or poll the

@@ -350,7 +350,9 @@ impl Worker {
     /// [`Builder::app_accepts`](crate::Builder::app_accepts), which leaves the listeners
     /// blocking (a plain `incoming()` loop works) and makes `next` return only messages and
     /// the disconnect. A library that wants the listener by value gets a duplicate with
-    /// [`TcpListener::try_clone`] (one more fd, the same socket).
+    /// [`TcpListener::try_clone`] (one more fd, the same socket). A worker announces its
+    /// listeners ([`Event::Listening`](crate::Event::Listening)) at its first
+    /// [`next`](Self::next) or [`try_next`](Self::try_next): call one of them before serving.
     ///
     /// ```no_run
     /// use forkcluster::{Cluster, Schedule};
@@ -360,7 +362,9 @@ impl Worker {
     ///     .listen("127.0.0.1:8080".parse()?)
     ///     .schedule(Schedule::Shared)
     ///     .app_accepts(true)
-    ///     .start(|worker| -> forkcluster::Result<()> {
+    ///     .start(|mut worker| -> forkcluster::Result<()> {
+    ///         // Once before serving: the worker announces its listeners (Event::Listening).
+    ///         while worker.try_next()?.is_some() {}
     ///         let listener = worker.tcp_listener(0).expect("shared: every worker holds it");
     ///         for conn in listener.incoming() {
     ///             let _ = conn?.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
