@@ -263,8 +263,7 @@ impl Builder {
         self
     }
 
-    /// Accepting schedules ([`Schedule::Shared`], [`Schedule::ReusePort`]): the application
-    /// accepts on the listeners itself, through [`Worker::tcp_listener`](crate::Worker::tcp_listener)
+    /// [`Schedule::Shared`]: the application accepts on the listeners itself, through [`Worker::tcp_listener`](crate::Worker::tcp_listener)
     /// and [`Worker::unix_listener`](crate::Worker::unix_listener) (a server library that takes
     /// a `TcpListener`, or its own accept loop), and [`Worker::next`](crate::Worker::next)
     /// never accepts: it returns the primary's messages and the disconnect only. The stream
@@ -278,8 +277,10 @@ impl Builder {
     /// listener next to the worker's fd) to finish when asked, or the graceful stop ends it at
     /// [`graceful_timeout`](Self::graceful_timeout). Connections the application accepts are
     /// not the cluster's to count: [`max_requests`](Self::max_requests) cannot be used with it.
-    /// With a hand-off schedule (the primary accepts) it is an [`Error::Invalid`] from
-    /// [`start`](Self::start).
+    /// With any other schedule it is an [`Error::Invalid`] from [`start`](Self::start): in the
+    /// hand-off schedules the primary accepts, and under [`Schedule::ReusePort`] the primary
+    /// itself accepts on a seat's socket while no worker holds it, which a blocking socket
+    /// would stall.
     ///
     /// ```no_run
     /// use forkcluster::{Cluster, Schedule};
@@ -588,9 +589,9 @@ impl Builder {
         if self.specs.len() > MAX_LISTENERS {
             return Err(Error::Capacity("listeners"));
         }
-        if self.app_accepts && self.schedule.hands_off() {
+        if self.app_accepts && self.schedule != Schedule::Shared {
             return Err(Error::Invalid(
-                "app_accepts needs a schedule in which the workers accept (Shared, ReusePort)",
+                "app_accepts needs Schedule::Shared (the primary accepts in the others)",
             ));
         }
         if self.app_accepts && self.sup.max_requests.is_some() {

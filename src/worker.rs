@@ -347,7 +347,7 @@ impl Worker {
     /// The socket is one open file shared by the primary and every worker: its blocking mode
     /// is one for all of them. By default it is nonblocking, because [`next`](Self::next)
     /// accepts on it too; an application that serves the listener itself sets
-    /// [`Builder::app_accepts`](crate::Builder::app_accepts), which leaves the listeners
+    /// [`Builder::app_accepts`](crate::Builder::app_accepts) (shared schedule), which leaves the listeners
     /// blocking (a plain `incoming()` loop works) and makes `next` return only messages and
     /// the disconnect. A library that wants the listener by value gets a duplicate with
     /// [`TcpListener::try_clone`] (one more fd, the same socket). A worker announces its

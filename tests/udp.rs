@@ -460,7 +460,8 @@ fn udp_echo_by_every_worker_round_robin_and_shared() {
 /// order: each answers with its own index; in round-robin the worker holds only the UDP
 /// sockets, in the shared schedule every socket, each lent out as its std type.
 fn mixed_listeners_keep_their_indices() {
-    for schedule in [Schedule::RoundRobin, Schedule::Shared] {
+    // Reuseport: the UDP sockets are shared for now (TODO(reuseport-udp): one per seat).
+    for schedule in [Schedule::RoundRobin, Schedule::Shared, Schedule::ReusePort] {
         let path = tmp_path(schedule.name());
         let mine = UdpSocket::bind(lo0()).unwrap();
         let mine_addr = mine.local_addr().unwrap();
@@ -660,11 +661,13 @@ fn start_refuses_what_cannot_work() {
         Err(e) => e,
         Ok(_) => panic!("started"),
     };
-    // The primary accepts in the hand-off schedules: the application cannot.
+    // The primary accepts in the hand-off schedules, and under reuseport on a seat's socket
+    // while nobody holds it: the application cannot.
     for s in [
         Schedule::RoundRobin,
         Schedule::LeastConnections,
         Schedule::Sticky,
+        Schedule::ReusePort,
     ] {
         let e = err(Cluster::builder()
             .listen(lo0())
