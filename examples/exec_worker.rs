@@ -12,6 +12,7 @@
 //! | `env <NAME>` | `<NAME>=<value>`, or `<NAME> unset` |
 //! | `args` | its arguments after `argv[0]`, space-separated |
 //! | `cwd` | its working directory |
+//! | `udp <i>` | waits (5 s at most) for one datagram on its UDP listener `i`, answers it with `udp <id> <the datagram>` to its sender, and replies `udp ok`, or `udp none` when `i` is not a UDP listener |
 //! | anything else | `echo <the message>` |
 //!
 //! Run by hand, outside a cluster, it says why it cannot start and exits with 2.
@@ -87,6 +88,32 @@ fn main() {
                 } else if m.payload == b"args" {
                     let args: Vec<String> = std::env::args().skip(1).collect();
                     let _ = write!(c, "{}", args.join(" "));
+                } else if let Some(i) = m.payload.strip_prefix(b"udp ") {
+                    let i = std::str::from_utf8(i)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<usize>().ok())
+                        .unwrap_or(usize::MAX);
+                    match worker.udp_socket(i) {
+                        Some(sock) => {
+                            let _ = sock.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                            let mut d = [0u8; 64];
+                            match sock.recv_from(&mut d[..]) {
+                                Ok((n, from)) => {
+                                    let mut out = Vec::with_capacity(n + 16);
+                                    let _ = write!(out, "udp {id} ");
+                                    out.extend_from_slice(&d[..n]);
+                                    let _ = sock.send_to(&out, from);
+                                    let _ = write!(c, "udp ok");
+                                }
+                                Err(e) => {
+                                    let _ = write!(c, "udp error {e}");
+                                }
+                            }
+                        }
+                        None => {
+                            let _ = write!(c, "udp none");
+                        }
+                    }
                 } else if m.payload == b"cwd" {
                     let dir = std::env::current_dir().unwrap_or_default();
                     let _ = write!(c, "{}", dir.display());

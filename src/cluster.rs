@@ -1,7 +1,7 @@
 //! The builder: settings, listeners, and the fork of the first workers.
 
 use std::ffi::OsString;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -82,6 +82,7 @@ pub struct Builder {
     max_open: Option<u32>,
     max_workers: usize,
     nonblocking: bool,
+    app_accepts: bool,
     backlog: i32,
     defer_accept: Option<u32>,
     unix_mode: Option<u32>,
@@ -108,6 +109,7 @@ impl Cluster {
             max_open: None,
             max_workers: 1024,
             nonblocking: false,
+            app_accepts: false,
             backlog: 511,
             defer_accept: None,
             unix_mode: None,
@@ -150,7 +152,67 @@ impl Builder {
         self
     }
 
-    /// Uses any listening stream socket (TCP or Unix; the family is read from the socket).
+    /// Binds a UDP socket at `addr` (IPv4 or IPv6; port 0 picks one port), shared by every
+    /// worker as Node's clustered `dgram` sockets are: the primary binds it and never reads
+    /// it, and every worker holds it, in every schedule (datagrams are not handed off: the
+    /// kernel gives each one to whichever worker reads first). Workers read it through
+    /// [`Worker::udp_socket`](crate::Worker::udp_socket); [`Worker::next`](crate::Worker::next)
+    /// never touches it. It takes the next listener index, in one index space with the TCP and
+    /// Unix listeners, and each worker announces it ([`Event::Listening`](crate::Event::Listening),
+    /// address [`ListenAddr::Udp`](crate::ListenAddr::Udp)).
+    ///
+    /// The socket is blocking, as [`UdpSocket::bind`] makes it; its mode is one for all the
+    /// workers (they share one open socket), see [`Worker::udp_socket`](crate::Worker::udp_socket).
+    /// [`backlog`](Self::backlog) and [`defer_accept`](Self::defer_accept) do not apply to it.
+    ///
+    /// ```no_run
+    /// use forkcluster::Cluster;
+    ///
+    /// let primary = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse()?)      // listener 0: TCP
+    ///     .listen_udp("127.0.0.1:5353".parse()?)  // listener 1: UDP
+    ///     .start(|worker| -> forkcluster::Result<()> {
+    ///         let sock = worker.udp_socket(1).expect("listener 1 is UDP");
+    ///         let mut buf = [0u8; 1500];
+    ///         loop {
+    ///             let (n, from) = sock.recv_from(&mut buf)?;
+    ///             let _ = sock.send_to(&buf[..n], from);
+    ///         }
+    ///     })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn listen_udp(mut self, addr: SocketAddr) -> Self {
+        self.specs.push(Spec::Udp(addr));
+        self
+    }
+
+    /// Uses a UDP socket the application bound itself, as [`listen_udp`](Self::listen_udp)
+    /// would bind it (its blocking mode is left as it is).
+    ///
+    /// ```
+    /// let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    /// let b = forkcluster::Cluster::builder().udp_socket(s);
+    /// assert_eq!(b.listener_count(), 1);
+    /// ```
+    pub fn udp_socket(mut self, s: UdpSocket) -> Self {
+        self.specs.push(Spec::Bound(s.into(), Family::Udp));
+        self
+    }
+
+    /// Uses a socket the application made: a TCP or Unix stream socket (bound; listening
+    /// already or not yet: the cluster has it listen) or a bound UDP (`AF_INET`/`AF_INET6`
+    /// `SOCK_DGRAM`) socket, which is served as [`listen_udp`](Self::listen_udp)'s. The kind
+    /// is read from the socket; anything else (a Unix datagram socket, a socket of another
+    /// family or type, not a socket) is an [`Error::Invalid`] or [`Error::Os`] from
+    /// [`start`](Self::start).
+    ///
+    /// ```
+    /// use std::os::fd::OwnedFd;
+    ///
+    /// let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    /// let b = forkcluster::Cluster::builder().listener_fd(OwnedFd::from(udp));
+    /// assert_eq!(b.listener_count(), 1);
+    /// ```
     pub fn listener_fd(mut self, fd: OwnedFd) -> Self {
         self.specs.push(Spec::bound(fd));
         self
@@ -217,6 +279,39 @@ impl Builder {
     /// own poll loop; saves them an `fcntl` per connection. Default: blocking, as `accept` gives.
     pub fn nonblocking_streams(mut self, yes: bool) -> Self {
         self.nonblocking = yes;
+        self
+    }
+
+    /// [`Schedule::Shared`]: the application accepts on the listeners itself, through [`Worker::tcp_listener`](crate::Worker::tcp_listener)
+    /// and [`Worker::unix_listener`](crate::Worker::unix_listener) (a server library that takes
+    /// a `TcpListener`, or its own accept loop), and [`Worker::next`](crate::Worker::next)
+    /// never accepts: it returns the primary's messages and the disconnect only. The stream
+    /// listeners are then left blocking, so a plain `incoming()` loop works unchanged (the
+    /// blocking mode is the socket's, one for the primary and every worker, which is why this
+    /// is the cluster's choice and not a worker's). Default off. Workers still announce their
+    /// listeners at their first `next`/`try_next`: call `try_next` once before serving.
+    ///
+    /// A worker blocked in `accept` does not see [`Next::Disconnect`](crate::Next::Disconnect):
+    /// read [`Worker::next`](crate::Worker::next) on another thread of the worker (or poll the
+    /// listener next to the worker's fd) to finish when asked, or the graceful stop ends it at
+    /// [`graceful_timeout`](Self::graceful_timeout). Connections the application accepts are
+    /// not the cluster's to count: [`max_requests`](Self::max_requests) cannot be used with it.
+    /// With any other schedule it is an [`Error::Invalid`] from [`start`](Self::start): in the
+    /// hand-off schedules the primary accepts, and under [`Schedule::ReusePort`] the primary
+    /// itself accepts on a seat's socket while no worker holds it, which a blocking socket
+    /// would stall.
+    ///
+    /// ```no_run
+    /// use forkcluster::{Cluster, Schedule};
+    ///
+    /// let b = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse().unwrap())
+    ///     .schedule(Schedule::Shared)
+    ///     .app_accepts(true);
+    /// # drop(b);
+    /// ```
+    pub fn app_accepts(mut self, yes: bool) -> Self {
+        self.app_accepts = yes;
         self
     }
 
@@ -422,8 +517,9 @@ impl Builder {
     ///
     /// Between `fork` and `execve` the child does what every worker does first (die with the
     /// primary, reset signals, name, CPU, the privilege drop of [`user`](Self::user)), then
-    /// places its channel at fd [`EXEC_CHANNEL_FD`](crate::EXEC_CHANNEL_FD) (3) and, in the
-    /// shared schedule, the listeners at 4, 5, ..., closes every other fd above stderr, changes
+    /// places its channel at fd [`EXEC_CHANNEL_FD`](crate::EXEC_CHANNEL_FD) (3) and the
+    /// sockets it holds at 4, 5, ... (the UDP sockets always, the stream listeners where
+    /// workers accept), closes every other fd above stderr, changes
     /// to [`exec_cwd`](Self::exec_cwd) and execs, with the primary's environment, the
     /// variables of [`env`](Self::env) and the `FORKCLUSTER_*` variables
     /// [`Worker::from_env`](crate::Worker::from_env) reads. Nothing is allocated in the child:
@@ -512,6 +608,16 @@ impl Builder {
         if self.specs.len() > MAX_LISTENERS {
             return Err(Error::Capacity("listeners"));
         }
+        if self.app_accepts && self.schedule != Schedule::Shared {
+            return Err(Error::Invalid(
+                "app_accepts needs Schedule::Shared (the primary accepts in the others)",
+            ));
+        }
+        if self.app_accepts && self.sup.max_requests.is_some() {
+            return Err(Error::Invalid(
+                "max_requests counts the connections Worker::next accepts: with app_accepts the application accepts them",
+            ));
+        }
         // Every lookup (NSS), the allowed CPUs and RLIMIT_NOFILE: here, once, before any fork.
         let deploy = self.deploy.resolve()?;
         let mut listeners = Vec::with_capacity(self.specs.len());
@@ -520,6 +626,7 @@ impl Builder {
             defer_accept: self.defer_accept,
             unix_mode: self.unix_mode,
             reuseport: self.schedule == Schedule::ReusePort,
+            nonblocking: !self.app_accepts,
         };
         for spec in self.specs {
             match listener::bind(spec, opts) {
@@ -544,6 +651,7 @@ impl Builder {
             in_flight: self.in_flight,
             max_workers: self.max_workers,
             nonblocking: self.nonblocking,
+            app_accepts: self.app_accepts,
             env: self.env,
             sup: self.sup,
             deploy,
@@ -731,13 +839,15 @@ impl Builder {
     /// and programs they run do not inherit them.
     ///
     /// When this process was not socket-activated, nothing is added, and the cluster listens
-    /// on what else the builder was given. A passed socket the cluster cannot serve (not a
-    /// listening stream socket, such as a datagram socket) is an [`Error::Activation`]; an
-    /// application that wants its datagram sockets, or the sockets' names (`LISTEN_FDNAMES`),
-    /// calls [`listen_fds`](crate::systemd::listen_fds) itself and hands the stream sockets to `listener_fd`.
+    /// on what else the builder was given. Passed UDP sockets (`ListenDatagram=` on an IP
+    /// address) are served as [`listen_udp`](Builder::listen_udp)'s: every worker holds them.
+    /// A passed socket the cluster cannot serve (a Unix datagram socket) is an
+    /// [`Error::Activation`]; an application that wants those, or the sockets' names
+    /// (`LISTEN_FDNAMES`), calls [`listen_fds`](crate::systemd::listen_fds) itself and hands
+    /// the others to `listener_fd`.
     ///
     /// As for any listener, [`backlog`](Builder::backlog) and
-    /// [`defer_accept`](Builder::defer_accept) apply to the adopted sockets too.
+    /// [`defer_accept`](Builder::defer_accept) apply to the adopted stream sockets too.
     ///
     /// # Example
     ///
@@ -755,13 +865,14 @@ impl Builder {
     /// ```
     pub fn systemd_listeners(self) -> Result<Self> {
         let passed = crate::systemd::listen_fds(true)?;
+        use crate::systemd::{SocketFamily, SocketKind};
         if let Some(bad) = passed
             .iter()
-            .find(|s| s.kind != crate::systemd::SocketKind::Stream)
+            .find(|s| s.kind == SocketKind::Datagram && s.family == SocketFamily::Unix)
         {
             return Err(Error::Activation {
                 fd: std::os::fd::AsRawFd::as_raw_fd(&bad.fd),
-                why: "is a datagram socket: the cluster serves listening stream sockets only",
+                why: "is a Unix datagram socket: the cluster serves stream sockets and UDP only",
             });
         }
         Ok(passed.into_iter().fold(self, |b, s| b.listener_fd(s.fd)))

@@ -12,7 +12,7 @@
 //! | what | where |
 //! |---|---|
 //! | its channel to the primary (`SOCK_SEQPACKET`) | fd [`EXEC_CHANNEL_FD`] (3) |
-//! | shared schedule: the listeners, in the builder's order | fds 4, 5, ... |
+//! | the UDP sockets (every schedule) and, where workers accept (shared, reuseport), the stream listeners, in the builder's order | fds 4, 5, ... |
 //! | stdin, stdout, stderr | fds 0, 1, 2, as the primary's |
 //! | anything else | nothing: every other fd is closed |
 //!
@@ -20,10 +20,11 @@
 //! |---|---|
 //! | `FORKCLUSTER_WORKER` | the worker's id (`1`, `2`, ...) |
 //! | `FORKCLUSTER_CHANNEL_FD` | `3` |
-//! | `FORKCLUSTER_SCHEDULE` | `rr` or `shared` |
+//! | `FORKCLUSTER_SCHEDULE` | the schedule's [`name`](Schedule::name): `rr`, `shared`, ... |
 //! | `FORKCLUSTER_NONBLOCKING` | `1` when connections come nonblocking ([`Builder::nonblocking_streams`](crate::Builder::nonblocking_streams)), else `0` |
-//! | `FORKCLUSTER_LISTENERS` | one entry per listener, comma-separated: its family, and in the shared schedule its fd: `tcp:4,unix:5`; round-robin: `tcp,unix`; empty without listeners |
-//! | `FORKCLUSTER_LISTEN_ADDR_<i>` | listener `i`'s address: `127.0.0.1:8080`, `[::1]:80`, or a Unix socket's path |
+//! | `FORKCLUSTER_APP_ACCEPTS` | `1` with [`Builder::app_accepts`](crate::Builder::app_accepts), else `0` (unset: `0`) |
+//! | `FORKCLUSTER_LISTENERS` | one entry per listener, comma-separated: its family (`tcp`, `unix`, `udp`), and when the worker holds the socket its fd: `tcp:4,unix:5,udp:6` where workers accept; round-robin: `tcp,unix,udp:4` (UDP sockets are always passed); empty without listeners |
+//! | `FORKCLUSTER_LISTEN_ADDR_<i>` | listener `i`'s address: `127.0.0.1:8080`, `[::1]:80` (TCP and UDP alike), or a Unix socket's path |
 //!
 //! plus the primary's environment and the variables of [`Builder::env`](crate::Builder::env)
 //! and [`Primary::fork_with_env`](crate::Primary::fork_with_env).
@@ -66,6 +67,7 @@ const VAR_SCHEDULE: &str = "FORKCLUSTER_SCHEDULE";
 const VAR_SEAT: &str = "FORKCLUSTER_SEAT";
 const VAR_MAX_OPEN: &str = "FORKCLUSTER_MAX_CONNECTIONS";
 const VAR_NONBLOCKING: &str = "FORKCLUSTER_NONBLOCKING";
+const VAR_APP_ACCEPTS: &str = "FORKCLUSTER_APP_ACCEPTS";
 const VAR_LISTENERS: &str = "FORKCLUSTER_LISTENERS";
 const VAR_ADDR: &str = "FORKCLUSTER_LISTEN_ADDR_";
 /// Every variable of the protocol starts with this (the primary's own are not passed on).
@@ -102,6 +104,7 @@ impl Plan {
             seat_fds,
             schedule,
             nonblocking,
+            app_accepts,
             chan,
             listeners,
             env: extra,
@@ -119,6 +122,7 @@ impl Plan {
             list.extend_from_slice(match l.family {
                 Family::Tcp => b"tcp",
                 Family::Unix => b"unix",
+                Family::Udp => b"udp",
             });
             // Reuseport: the seat's own socket for this listener, where it has one.
             let fd = seat_fds
@@ -126,14 +130,18 @@ impl Plan {
                 .copied()
                 .flatten()
                 .or(l.fd.as_ref().map(|f| f.as_raw_fd()));
-            if let (true, Some(fd)) = (shared, fd) {
+            // UDP sockets go to every worker, whatever the schedule (as in `spawn`).
+            // TODO(reuseport-udp): under Schedule::ReusePort, the seat's own SO_REUSEPORT UDP
+            // socket comes in `seat_fds` like the TCP ones (nothing else to change here).
+            let holds = shared || l.family == Family::Udp;
+            if let (true, Some(fd)) = (holds, fd) {
                 list.extend_from_slice(
                     format!(":{}", EXEC_CHANNEL_FD + fds.len() as RawFd).as_bytes(),
                 );
                 fds.push(fd);
             }
             let addr = match &l.addr {
-                ListenAddr::Tcp(a) => a.to_string().into_bytes(),
+                ListenAddr::Tcp(a) | ListenAddr::Udp(a) => a.to_string().into_bytes(),
                 ListenAddr::Unix(a) => a
                     .as_pathname()
                     .map(|p| p.as_os_str().as_bytes().to_vec())
@@ -165,6 +173,10 @@ impl Plan {
             (
                 VAR_NONBLOCKING,
                 if nonblocking { "1" } else { "0" }.to_string(),
+            ),
+            (
+                VAR_APP_ACCEPTS,
+                if app_accepts { "1" } else { "0" }.to_string(),
             ),
         ];
         env.retain(|(k, _)| !k.starts_with(PREFIX));
@@ -254,6 +266,7 @@ struct FromEnv {
     chan: RawFd,
     schedule: Schedule,
     nonblocking: bool,
+    app_accepts: bool,
     listeners: Vec<(Family, Option<RawFd>, ListenAddr)>,
 }
 
@@ -301,6 +314,15 @@ fn parse_env() -> Result<FromEnv> {
             ))
         }
     };
+    let app_accepts = match var(VAR_APP_ACCEPTS).as_deref().map(OsStr::to_str) {
+        None | Some(Some("0")) => false,
+        Some(Some("1")) => true,
+        _ => {
+            return Err(Error::Invalid(
+                "FORKCLUSTER_APP_ACCEPTS is not set to 0 or 1",
+            ))
+        }
+    };
     let list = var(VAR_LISTENERS).ok_or(Error::Invalid("FORKCLUSTER_LISTENERS is not set"))?;
     let list = list
         .to_str()
@@ -325,15 +347,21 @@ fn parse_env() -> Result<FromEnv> {
         let family = match family {
             "tcp" => Family::Tcp,
             "unix" => Family::Unix,
+            "udp" => Family::Udp,
             _ => {
                 return Err(Error::Invalid(
-                    "FORKCLUSTER_LISTENERS: a family other than tcp or unix",
+                    "FORKCLUSTER_LISTENERS: a family other than tcp, unix or udp",
                 ))
             }
         };
-        if fd.is_some() && !schedule.workers_accept() {
+        if fd.is_some() && !schedule.workers_accept() && family.accepts() {
             return Err(Error::Invalid(
-                "FORKCLUSTER_LISTENERS: listener fds are passed in the shared schedule only",
+                "FORKCLUSTER_LISTENERS: stream listener fds are passed only where workers accept",
+            ));
+        }
+        if fd.is_none() && family == Family::Udp {
+            return Err(Error::Invalid(
+                "FORKCLUSTER_LISTENERS: a udp entry without its fd",
             ));
         }
         let fd = fd
@@ -348,6 +376,9 @@ fn parse_env() -> Result<FromEnv> {
         let addr = match family {
             Family::Tcp => ListenAddr::Tcp(raw.to_str().and_then(|s| s.parse().ok()).ok_or(
                 Error::Invalid("FORKCLUSTER_LISTEN_ADDR_<i> is not a TCP address"),
+            )?),
+            Family::Udp => ListenAddr::Udp(raw.to_str().and_then(|s| s.parse().ok()).ok_or(
+                Error::Invalid("FORKCLUSTER_LISTEN_ADDR_<i> is not a UDP address"),
             )?),
             Family::Unix if raw.is_empty() => ListenAddr::Unix(
                 std::os::unix::net::UnixDatagram::unbound()
@@ -379,6 +410,7 @@ fn parse_env() -> Result<FromEnv> {
         chan,
         schedule,
         nonblocking,
+        app_accepts,
         listeners,
     })
 }
@@ -410,6 +442,18 @@ fn check_channel(fd: &OwnedFd) -> Result<()> {
 
 fn check_listener(fd: &OwnedFd, family: Family) -> Result<()> {
     use rustix::net::{sockopt, AddressFamily, SocketType};
+    if family == Family::Udp {
+        let af = sockopt::socket_domain(fd);
+        return if sockopt::socket_type(fd) == Ok(SocketType::DGRAM)
+            && (af == Ok(AddressFamily::INET) || af == Ok(AddressFamily::INET6))
+        {
+            Ok(())
+        } else {
+            Err(Error::Invalid(
+                "FORKCLUSTER_LISTENERS: a udp fd is not an AF_INET or AF_INET6 datagram socket",
+            ))
+        };
+    }
     let not = Error::Invalid(
         "FORKCLUSTER_LISTENERS: an fd is not a listening stream socket of its family",
     );
@@ -424,6 +468,7 @@ fn check_listener(fd: &OwnedFd, family: Family) -> Result<()> {
     let ok = match family {
         Family::Tcp => af == AddressFamily::INET || af == AddressFamily::INET6,
         Family::Unix => af == AddressFamily::UNIX,
+        Family::Udp => false,
     };
     if ok {
         Ok(())
@@ -436,8 +481,8 @@ impl Worker {
     /// The worker handle of a program that a forkcluster primary exec'd
     /// ([`Builder::exec`](crate::Builder::exec)): reads and checks the `FORKCLUSTER_*`
     /// variables (see the table below), takes the channel at fd
-    /// [`EXEC_CHANNEL_FD`](crate::EXEC_CHANNEL_FD) (and, in the shared schedule, the listeners
-    /// after it), checks that each is the socket it must be, sets their close-on-exec flag
+    /// [`EXEC_CHANNEL_FD`](crate::EXEC_CHANNEL_FD) (and after it the UDP sockets and, where
+    /// workers accept, the stream listeners), checks that each is the socket it must be, sets their close-on-exec flag
     /// again, unsets the variables, and tells the primary this worker is online. From then on
     /// the worker is used exactly as a forked one: [`next`](Self::next),
     /// [`send`](Self::send), ...
@@ -457,9 +502,10 @@ impl Worker {
     /// |---|---|
     /// | `FORKCLUSTER_WORKER` | the worker's id |
     /// | `FORKCLUSTER_CHANNEL_FD` | `3` |
-    /// | `FORKCLUSTER_SCHEDULE` | `rr` or `shared` |
+    /// | `FORKCLUSTER_SCHEDULE` | `rr`, `shared`, ... ([`Schedule::name`]) |
     /// | `FORKCLUSTER_NONBLOCKING` | `0` or `1` |
-    /// | `FORKCLUSTER_LISTENERS` | `tcp:4,unix:5` (shared), `tcp,unix` (round-robin), or empty |
+    /// | `FORKCLUSTER_APP_ACCEPTS` | `0` or `1` (unset: `0`) |
+    /// | `FORKCLUSTER_LISTENERS` | `tcp:4,unix:5,udp:6` (shared), `tcp,unix,udp:4` (round-robin: only UDP sockets are passed), or empty |
     /// | `FORKCLUSTER_LISTEN_ADDR_<i>` | listener `i`'s address |
     ///
     /// # Example
@@ -529,6 +575,7 @@ impl Worker {
             schedule: env.schedule,
             nonblocking: env.nonblocking,
             max_open: env.max_open,
+            app_accepts: env.app_accepts,
             // Counters of its own, that nobody reads: the primary's pages do not survive exec.
             board: Rc::new(Board::new(1)?),
             slot: 0,

@@ -10,6 +10,11 @@
 //! * Connections reach workers in one of two ways ([`Schedule`]): **round-robin** (the default:
 //!   the primary accepts each connection and passes its fd to the next ready worker) or
 //!   **shared** (every worker accepts on the listener it inherited; the kernel picks).
+//! * UDP sockets ([`Builder::listen_udp`]) are shared by every worker in every schedule, as
+//!   Node's clustered `dgram`: the primary binds them, the workers read them
+//!   ([`Worker::udp_socket`]). Where workers accept, [`Worker::tcp_listener`] and
+//!   [`Worker::unix_listener`] lend out their listeners, so that a server that takes a
+//!   `TcpListener` runs in each worker ([`Builder::app_accepts`]).
 //! * The primary reads lifecycle [`Event`]s from one loop ([`Primary::next_event`]): fork, online,
 //!   listening, message, disconnect, exit (code or signal), and the supervisor's own (backoff,
 //!   hung worker, rolling restart, ...). No callbacks, no threads, no allocation per event.

@@ -1,8 +1,9 @@
 //! Listening sockets: what the builder asked for, binding it, and the address each one ended up
 //! with. Shared by the primary (which accepts, round-robin) and the workers (which accept,
-//! shared schedule).
+//! shared schedule). UDP sockets are bound by the primary and read only by the workers, in
+//! every schedule.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -18,12 +19,21 @@ pub enum ListenAddr {
     Tcp(SocketAddr),
     /// A Unix stream socket.
     Unix(std::os::unix::net::SocketAddr),
+    /// A UDP socket (IPv4 or IPv6), shared by every worker
+    /// ([`Builder::listen_udp`](crate::Builder::listen_udp)). Displayed as `udp:ADDR`.
+    ///
+    /// ```
+    /// let a = forkcluster::ListenAddr::Udp("127.0.0.1:5353".parse().unwrap());
+    /// assert_eq!(a.to_string(), "udp:127.0.0.1:5353");
+    /// ```
+    Udp(SocketAddr),
 }
 
 impl core::fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Udp(a) => write!(f, "udp:{a}"),
             ListenAddr::Unix(a) => match a.as_pathname() {
                 Some(p) => write!(f, "unix:{}", p.display()),
                 None => f.write_str("unix:(unnamed)"),
@@ -32,11 +42,49 @@ impl core::fmt::Display for ListenAddr {
     }
 }
 
-/// The kind of stream a listener accepts.
+/// The kind of socket a listener is: a stream socket that accepts (TCP, Unix) or a datagram
+/// socket that every worker reads (UDP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Family {
     Tcp,
     Unix,
+    Udp,
+}
+
+impl Family {
+    /// A listening stream socket, on which connections are accepted (not UDP).
+    pub(crate) fn accepts(self) -> bool {
+        self != Family::Udp
+    }
+}
+
+/// A worker's socket for one listener, typed, so that the worker can lend it out as the std
+/// type (`Worker::tcp_listener`, ...) without `unsafe`.
+#[derive(Debug)]
+pub(crate) enum Sock {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+    Udp(UdpSocket),
+}
+
+impl Sock {
+    pub(crate) fn new(fd: OwnedFd, family: Family) -> Sock {
+        match family {
+            Family::Tcp => Sock::Tcp(fd.into()),
+            Family::Unix => Sock::Unix(fd.into()),
+            Family::Udp => Sock::Udp(fd.into()),
+        }
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Tcp(s) => s.as_fd(),
+            Sock::Unix(s) => s.as_fd(),
+            Sock::Udp(s) => s.as_fd(),
+        }
+    }
 }
 
 /// A bound, listening socket of the cluster.
@@ -56,14 +104,19 @@ pub(crate) struct Listener {
 pub(crate) enum Spec {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    Udp(SocketAddr),
     Bound(OwnedFd, Family),
 }
 
 impl Spec {
-    /// A socket the application bound itself: the family is read from the socket.
+    /// A socket the application bound itself: the family is read from the socket (a datagram
+    /// socket is UDP; `bind` checks that it is one of the kinds the cluster serves).
     pub(crate) fn bound(fd: OwnedFd) -> Spec {
         let family = match rustix::net::getsockname(&fd).map(|a| a.address_family()) {
             Ok(rustix::net::AddressFamily::UNIX) => Family::Unix,
+            _ if rustix::net::sockopt::socket_type(&fd) == Ok(rustix::net::SocketType::DGRAM) => {
+                Family::Udp
+            }
             _ => Family::Tcp,
         };
         Spec::Bound(fd, family)
@@ -80,6 +133,8 @@ pub(crate) struct BindOptions {
     /// TCP sockets the cluster binds get `SO_REUSEPORT` (the reuseport schedule), so that
     /// each worker seat can bind one more.
     pub(crate) reuseport: bool,
+    /// Stream listeners are nonblocking (else blocking: `Builder::app_accepts`).
+    pub(crate) nonblocking: bool,
 }
 
 /// Binds (unless the socket came bound), listens, and reads back the address.
@@ -102,8 +157,27 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
                 Some((path, st.st_dev as u64, st.st_ino as u64)),
             )
         }
-        Spec::Bound(fd, family) => (fd, family, None),
+        Spec::Udp(addr) => (
+            OwnedFd::from(UdpSocket::bind(addr).call("bind")?),
+            Family::Udp,
+            None,
+        ),
+        Spec::Bound(fd, family) => {
+            check_bound(&fd, family)?;
+            (fd, family, None)
+        }
     };
+    if family == Family::Udp {
+        // Bound, and left as it came (blocking, unless the application made it otherwise): the
+        // primary never reads it, and the mode is the workers' to choose.
+        let addr = local_addr(fd.as_fd(), family)?;
+        return Ok(Listener {
+            fd: Some(fd),
+            family,
+            addr,
+            unlink,
+        });
+    }
     listen(&fd, family, opts)?;
     let addr = local_addr(fd.as_fd(), family)?;
     Ok(Listener {
@@ -171,12 +245,39 @@ fn listen(fd: &OwnedFd, family: Family, opts: BindOptions) -> Result<()> {
     let (backlog, defer_accept) = (opts.backlog, opts.defer_accept);
     rustix::net::listen(fd, backlog).call("listen")?;
     // The listener is nonblocking in every process: the primary accepts until EAGAIN, and in
-    // the shared schedule the workers race for each connection.
-    rustix::io::ioctl_fionbio(fd, true).call("ioctl(FIONBIO)")?;
+    // the shared schedule the workers race for each connection. Blocking only when the
+    // application accepts on it itself (`Builder::app_accepts`: nothing of the cluster does).
+    rustix::io::ioctl_fionbio(fd, opts.nonblocking).call("ioctl(FIONBIO)")?;
     if let (Some(secs), Family::Tcp) = (defer_accept, family) {
         crate::sys::set_tcp_defer_accept(fd.as_fd(), secs)?;
     }
     Ok(())
+}
+
+/// A socket the application passed (`listener_fd`, `systemd_listeners`): a stream socket for
+/// TCP and Unix (listening already, or not yet: `bind` has it listen), a bound `AF_INET` or
+/// `AF_INET6` datagram socket for UDP. Unix datagram sockets are not served.
+fn check_bound(fd: &OwnedFd, family: Family) -> Result<()> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    let ty = sockopt::socket_type(fd).call("getsockopt(SO_TYPE)")?;
+    match family {
+        Family::Tcp | Family::Unix if ty == SocketType::STREAM => Ok(()),
+        Family::Unix if ty == SocketType::DGRAM => Err(crate::Error::Invalid(
+            "listener_fd: a Unix datagram socket; the cluster serves TCP, Unix stream and UDP sockets",
+        )),
+        Family::Udp
+            if ty == SocketType::DGRAM
+                && matches!(
+                    sockopt::socket_domain(fd),
+                    Ok(AddressFamily::INET) | Ok(AddressFamily::INET6)
+                ) =>
+        {
+            Ok(())
+        }
+        _ => Err(crate::Error::Invalid(
+            "listener_fd: not a TCP, Unix stream or UDP socket",
+        )),
+    }
 }
 
 /// Binds a Unix stream socket at `path`. A socket file left there by a crashed run (nobody
@@ -242,5 +343,6 @@ fn local_addr(fd: BorrowedFd<'_>, family: Family) -> Result<ListenAddr> {
         Family::Unix => {
             ListenAddr::Unix(UnixListener::from(owned).local_addr().call("getsockname")?)
         }
+        Family::Udp => ListenAddr::Udp(UdpSocket::from(owned).local_addr().call("getsockname")?),
     })
 }

@@ -140,6 +140,8 @@ pub(crate) struct Settings {
     pub(crate) max_open: Option<u32>,
     pub(crate) max_workers: usize,
     pub(crate) nonblocking: bool,
+    /// `Builder::app_accepts`: the workers' `next` never accepts.
+    pub(crate) app_accepts: bool,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) sup: Supervision,
     /// The workers' user, CPUs, names and limits, resolved before the first fork.
@@ -168,6 +170,7 @@ pub(crate) struct PlanInput<'a> {
     pub(crate) seat_fds: &'a [Option<std::os::fd::RawFd>],
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
+    pub(crate) app_accepts: bool,
     /// The worker's end of its channel.
     pub(crate) chan: std::os::fd::RawFd,
     pub(crate) listeners: &'a [crate::listener::Listener],

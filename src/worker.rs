@@ -1,9 +1,9 @@
 //! The worker side: the next connection, message or disconnect request; sending to the primary.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -16,7 +16,7 @@ use crate::channel::{Channel, Received, RecvBuf, Taken};
 use crate::error::{Call, Error, Result};
 use crate::frame::{Frame, Kind, MAX_FDS, MAX_PAYLOAD};
 use crate::heartbeat::{Board, Own};
-use crate::listener::{Family, ListenAddr};
+use crate::listener::{Family, ListenAddr, Sock};
 use crate::settings::{Schedule, MAX_LISTENERS};
 
 /// Shared schedule: how long a worker stops accepting after `EMFILE` and the like.
@@ -172,13 +172,24 @@ pub enum Next<'a> {
 }
 
 struct WListener {
-    fd: Option<OwnedFd>,
+    /// The socket this worker holds for the listener: the stream listeners where workers
+    /// accept, the UDP sockets always; `None` once the worker is disconnecting.
+    fd: Option<Sock>,
     family: Family,
     addr: ListenAddr,
 }
 
-/// A worker's handle: its id, its channel to the primary, and (in the shared schedule) the
-/// listeners it accepts on.
+impl WListener {
+    /// The socket `next` accepts on, if this worker does (not UDP, not the application's).
+    fn acceptor(&self, app_accepts: bool) -> Option<&Sock> {
+        self.fd
+            .as_ref()
+            .filter(|_| self.family.accepts() && !app_accepts)
+    }
+}
+
+/// A worker's handle: its id, its channel to the primary, and the sockets it holds: the
+/// stream listeners it accepts on (accepting schedules) and every UDP socket (all schedules).
 ///
 /// A worker that serves one thing at a time loops on [`next`](Self::next). A worker with its own
 /// poll loop registers [`as_fd`](AsFd::as_fd) for readability and, whenever it is readable (and
@@ -190,6 +201,8 @@ pub struct Worker {
     listeners: ArrayVec<WListener, MAX_LISTENERS>,
     schedule: Schedule,
     nonblocking: bool,
+    /// [`Builder::app_accepts`](crate::Builder::app_accepts): `next` never accepts.
+    app_accepts: bool,
     epoll: Option<OwnedFd>,
     /// Shared schedule: a timer in `epoll` that ends a pause in accepting (`EMFILE`...); the
     /// listeners are out of `epoll` while `paused`.
@@ -223,6 +236,7 @@ pub(crate) struct WorkerInit {
     pub(crate) schedule: Schedule,
     pub(crate) nonblocking: bool,
     pub(crate) max_open: Option<u32>,
+    pub(crate) app_accepts: bool,
     pub(crate) board: Rc<Board>,
     pub(crate) slot: usize,
     pub(crate) seat: u32,
@@ -232,9 +246,12 @@ impl Worker {
     pub(crate) fn new(init: WorkerInit) -> Result<Worker> {
         let mut listeners = ArrayVec::new();
         for (fd, family, addr) in init.listeners {
+            let fd = fd.map(|fd| Sock::new(fd, family));
             listeners.push(WListener { fd, family, addr });
         }
-        let (epoll, pause_timer) = if init.schedule.workers_accept() && !listeners.is_empty() {
+        let app_accepts = init.app_accepts;
+        let accepts = listeners.iter().any(|l| l.acceptor(app_accepts).is_some());
+        let (epoll, pause_timer) = if init.schedule.workers_accept() && accepts {
             let ep = epoll::create(epoll::CreateFlags::CLOEXEC).call("epoll_create1")?;
             epoll::add(
                 &ep,
@@ -244,7 +261,7 @@ impl Worker {
             )
             .call("epoll_ctl")?;
             for (i, l) in listeners.iter().enumerate() {
-                if let Some(fd) = &l.fd {
+                if let Some(fd) = l.acceptor(app_accepts) {
                     epoll::add(
                         &ep,
                         fd,
@@ -279,6 +296,7 @@ impl Worker {
             listeners,
             schedule: init.schedule,
             nonblocking: init.nonblocking,
+            app_accepts,
             epoll,
             pause_timer,
             paused: false,
@@ -324,6 +342,109 @@ impl Worker {
     /// The addresses of the cluster's listeners, by index.
     pub fn listen_addrs(&self) -> impl Iterator<Item = &ListenAddr> {
         self.listeners.iter().map(|l| &l.addr)
+    }
+
+    /// This worker's TCP listener `i` (index as in [`listen_addrs`](Self::listen_addrs)), in
+    /// the accepting schedules ([`Schedule::Shared`], [`Schedule::ReusePort`]), so that a
+    /// server that takes a [`TcpListener`] (a library's, or the application's own accept loop)
+    /// runs in each worker unchanged. `None` when listener `i` is not TCP, in the hand-off
+    /// schedules (the primary holds the listener and the worker none), and once the worker is
+    /// disconnecting ([`Next::Disconnect`]: the worker closes its listeners then).
+    ///
+    /// The socket is one open file shared by the primary and every worker: its blocking mode
+    /// is one for all of them. By default it is nonblocking, because [`next`](Self::next)
+    /// accepts on it too; an application that serves the listener itself sets
+    /// [`Builder::app_accepts`](crate::Builder::app_accepts) (shared schedule), which leaves the listeners
+    /// blocking (a plain `incoming()` loop works) and makes `next` return only messages and
+    /// the disconnect. A library that wants the listener by value gets a duplicate with
+    /// [`TcpListener::try_clone`] (one more fd, the same socket). A worker announces its
+    /// listeners ([`Event::Listening`](crate::Event::Listening)) at its first
+    /// [`next`](Self::next) or [`try_next`](Self::try_next): call one of them before serving.
+    ///
+    /// ```no_run
+    /// use forkcluster::{Cluster, Schedule};
+    /// use std::io::Write;
+    ///
+    /// let primary = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse()?)
+    ///     .schedule(Schedule::Shared)
+    ///     .app_accepts(true)
+    ///     .start(|mut worker| -> forkcluster::Result<()> {
+    ///         // Once before serving: the worker announces its listeners (Event::Listening).
+    ///         while worker.try_next()?.is_some() {}
+    ///         let listener = worker.tcp_listener(0).expect("shared: every worker holds it");
+    ///         for conn in listener.incoming() {
+    ///             let _ = conn?.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn tcp_listener(&self, i: usize) -> Option<&TcpListener> {
+        match self.listeners.get(i)?.fd.as_ref()? {
+            Sock::Tcp(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// This worker's Unix listener `i`: as [`tcp_listener`](Self::tcp_listener), for a Unix
+    /// stream listener.
+    ///
+    /// ```no_run
+    /// use forkcluster::{Cluster, Schedule};
+    ///
+    /// let primary = Cluster::builder()
+    ///     .listen_unix("/run/app.sock")
+    ///     .schedule(Schedule::Shared)
+    ///     .app_accepts(true)
+    ///     .start(|worker| -> forkcluster::Result<()> {
+    ///         let listener = worker.unix_listener(0).expect("listener 0 is a Unix socket");
+    ///         for conn in listener.incoming() {
+    ///             drop(conn?);
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn unix_listener(&self, i: usize) -> Option<&UnixListener> {
+        match self.listeners.get(i)?.fd.as_ref()? {
+            Sock::Unix(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// This worker's UDP socket `i` ([`Builder::listen_udp`](crate::Builder::listen_udp)), in
+    /// every schedule: every worker holds every UDP socket, and the kernel gives each datagram
+    /// to one of the workers that read it. `None` when listener `i` is not UDP, and once the
+    /// worker is disconnecting ([`Next::Disconnect`]: it closes the socket then, and the others
+    /// keep serving it). [`next`](Self::next) never reads it: the worker reads it in its own
+    /// loop (a thread of its own, or its poll set next to this worker's [`as_fd`](AsFd::as_fd)).
+    ///
+    /// The socket is one open file shared by the primary and every worker, so its mode is one
+    /// for all: blocking, as [`UdpSocket::bind`] makes it (each datagram wakes one blocked
+    /// reader). Workers with a poll loop call `set_nonblocking(true)` on it, each of them (or
+    /// none: a blocking reader that another worker beats to a datagram waits for the next).
+    ///
+    /// ```no_run
+    /// use forkcluster::Cluster;
+    ///
+    /// let primary = Cluster::builder()
+    ///     .listen_udp("127.0.0.1:5353".parse()?)
+    ///     .start(|worker| -> forkcluster::Result<()> {
+    ///         let sock = worker.udp_socket(0).expect("listener 0 is UDP");
+    ///         let mut buf = [0u8; 1500];
+    ///         loop {
+    ///             let (n, from) = sock.recv_from(&mut buf)?;
+    ///             sock.send_to(&buf[..n], from)?;
+    ///         }
+    ///     })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn udp_socket(&self, i: usize) -> Option<&UdpSocket> {
+        match self.listeners.get(i)?.fd.as_ref()? {
+            Sock::Udp(s) => Some(s),
+            _ => None,
+        }
     }
 
     /// True once the primary asked this worker to disconnect (or is gone).
@@ -432,7 +553,8 @@ impl Worker {
             .get(listener)
             .map_or(Family::Tcp, |l| l.family);
         let stream = match family {
-            Family::Tcp => Stream::Tcp(TcpStream::from(fd)),
+            // The primary hands off stream connections only (never for a UDP index).
+            Family::Tcp | Family::Udp => Stream::Tcp(TcpStream::from(fd)),
             Family::Unix => Stream::Unix(UnixStream::from(fd)),
         };
         Connection {
@@ -464,7 +586,7 @@ impl Worker {
         };
         for k in 0..n {
             let i = (self.next_listener + k) % n;
-            let Some(fd) = &self.listeners[i].fd else {
+            let Some(fd) = self.listeners[i].acceptor(self.app_accepts) else {
                 continue;
             };
             loop {
@@ -499,7 +621,7 @@ impl Worker {
             return Ok(());
         };
         for l in &self.listeners {
-            if let Some(fd) = &l.fd {
+            if let Some(fd) = l.acceptor(self.app_accepts) {
                 // EPOLLEXCLUSIVE registrations cannot be modified, only removed.
                 let _ = epoll::delete(ep, fd);
             }
@@ -530,7 +652,7 @@ impl Worker {
             Err(e) => return Err(Error::os("read(timerfd)", e)),
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            if let Some(fd) = &l.fd {
+            if let Some(fd) = l.acceptor(self.app_accepts) {
                 epoll::add(
                     ep,
                     fd,
@@ -546,6 +668,11 @@ impl Worker {
 
     /// The next connection, message or disconnect request, waiting for one. `None` once the
     /// channel to the primary is closed and nothing is left.
+    ///
+    /// Connections come from the primary (hand-off schedules) or from this worker's accepting
+    /// on its stream listeners (accepting schedules, unless
+    /// [`Builder::app_accepts`](crate::Builder::app_accepts): then only messages and the
+    /// disconnect). It never reads a UDP socket ([`udp_socket`](Self::udp_socket)).
     // A lending iterator (a message borrows the worker's buffer), so not `Iterator::next`.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<Next<'_>>> {

@@ -771,7 +771,7 @@ fn listen_fds_adopts_stream_and_datagram_sockets() {
         );
         assert_eq!(
             got[2].local_addr().unwrap().to_string(),
-            udp_addr.to_string()
+            format!("udp:{udp_addr}")
         );
         // Taken once per process: a second call takes nothing, even with the variables there.
         assert!(systemd::listen_fds(true).unwrap().is_empty());
@@ -992,15 +992,27 @@ fn builder_serves_activated_sockets() {
         let _ = std::fs::remove_dir_all(&dir);
         0
     });
-    // A datagram socket: the cluster cannot serve it, and says which fd.
+    // A UDP socket is adopted (listener 1, shared by every worker); a Unix datagram socket
+    // the cluster cannot serve, and says which fd.
     in_child(|| {
         put_at(TcpListener::bind("127.0.0.1:0").unwrap(), 3);
         put_at(UdpSocket::bind("127.0.0.1:0").unwrap(), 4);
         set_activation_env(2, None);
+        let b = Cluster::builder().systemd_listeners().unwrap();
+        assert_eq!(b.listener_count(), 2, "the UDP socket is a listener");
+        assert!(activation_env_is_gone());
+        0
+    });
+    in_child(|| {
+        put_at(TcpListener::bind("127.0.0.1:0").unwrap(), 3);
+        put_at(UnixDatagram::unbound().unwrap(), 4);
+        set_activation_env(2, None);
         match Cluster::builder().systemd_listeners() {
-            Err(Error::Activation { fd: 4, why }) => assert!(why.contains("datagram"), "{why}"),
+            Err(Error::Activation { fd: 4, why }) => {
+                assert!(why.contains("Unix datagram"), "{why}")
+            }
             Err(e) => panic!("{e}"),
-            Ok(_) => panic!("a datagram socket was adopted as a listener"),
+            Ok(_) => panic!("a Unix datagram socket was adopted as a listener"),
         }
         assert!(activation_env_is_gone());
         0
@@ -1150,7 +1162,7 @@ fn socket_activate_datagram_socket() {
     assert_eq!(
         a.stdout(),
         format!(
-            "fd=3 name=dns family=inet kind=datagram addr=127.0.0.1:{port} cloexec=yes\n\
+            "fd=3 name=dns family=inet kind=datagram addr=udp:127.0.0.1:{port} cloexec=yes\n\
              LISTEN_PID=unset\nLISTEN_FDS=unset\nLISTEN_FDNAMES=unset\ncount=1\n"
         )
     );

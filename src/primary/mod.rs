@@ -219,7 +219,10 @@ impl Primary {
         p.sigfd = Some(sigfd);
         if p.settings.schedule.hands_off() {
             for (i, l) in p.dispatch.listeners.iter().enumerate() {
-                let Some(fd) = &l.fd else { continue };
+                // A UDP socket is the workers' to read: the primary never does.
+                let Some(fd) = l.fd.as_ref().filter(|_| l.family.accepts()) else {
+                    continue;
+                };
                 epoll::add(
                     ep,
                     fd,

@@ -77,6 +77,7 @@ impl Primary {
                     seat_fds: &seat_fds,
                     schedule: self.settings.schedule,
                     nonblocking: self.settings.nonblocking,
+                    app_accepts: self.settings.app_accepts,
                     chan: theirs.as_fd().as_raw_fd(),
                     listeners: &self.dispatch.listeners,
                     env,
@@ -180,7 +181,7 @@ impl Primary {
         sys::reset_child_signals(&self.ignored);
         // Close what belongs to the primary: its epoll and signal fds, every other worker's
         // channel and unacknowledged connections, queued connections, and (round-robin) the
-        // listeners.
+        // stream listeners.
         self.sigfd = None;
         // The notify socket is the primary's.
         self.sd = None;
@@ -207,7 +208,13 @@ impl Primary {
                 } = l;
                 let fd = match own.next().flatten() {
                     Some(seat_fd) => Some(seat_fd),
-                    None => fd.filter(|_| shared),
+                    // Datagrams are not handed off: every worker holds the UDP sockets, in
+                    // every schedule; the stream listeners only where the workers accept.
+                    // TODO(reuseport-udp): under Schedule::ReusePort, this seat's own
+                    // SO_REUSEPORT UDP socket replaces the shared one here (from
+                    // `listener::seat_socket`, which makes TCP ones only so far; and in
+                    // `exec::Plan::new` for exec'd workers).
+                    None => fd.filter(|_| shared || family == Family::Udp),
                 };
                 (fd, family, addr)
             })
@@ -229,6 +236,7 @@ impl Primary {
             schedule: self.settings.schedule,
             nonblocking: self.settings.nonblocking,
             max_open: self.settings.max_open,
+            app_accepts: self.settings.app_accepts,
             board: self.board.clone(),
             slot,
             seat,

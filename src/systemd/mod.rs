@@ -22,7 +22,7 @@
 //! README's "Deployment under systemd" has a unit file pair and what each variable does.
 
 use std::ffi::OsStr;
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
@@ -55,7 +55,8 @@ pub enum SocketKind {
     /// A listening stream socket (`SOCK_STREAM`: TCP, or a Unix stream socket).
     Stream,
     /// A datagram socket (`SOCK_DGRAM`: UDP, or a Unix datagram socket). The cluster serves
-    /// stream sockets only; these are accepted for applications that serve them themselves.
+    /// UDP ones as [`Builder::listen_udp`](crate::Builder::listen_udp)'s; Unix datagram
+    /// sockets are accepted here for applications that serve them themselves.
     Datagram,
 }
 
@@ -75,7 +76,8 @@ pub struct ActivatedFd {
 }
 
 impl ActivatedFd {
-    /// The address the socket is bound to (`getsockname`).
+    /// The address the socket is bound to (`getsockname`): [`ListenAddr::Udp`] for a UDP
+    /// socket.
     ///
     /// # Example
     ///
@@ -88,6 +90,9 @@ impl ActivatedFd {
     pub fn local_addr(&self) -> Result<ListenAddr> {
         let owned = self.fd.try_clone().call("fcntl(F_DUPFD_CLOEXEC)")?;
         Ok(match self.family {
+            SocketFamily::Inet | SocketFamily::Inet6 if self.kind == SocketKind::Datagram => {
+                ListenAddr::Udp(UdpSocket::from(owned).local_addr().call("getsockname")?)
+            }
             SocketFamily::Inet | SocketFamily::Inet6 => {
                 ListenAddr::Tcp(TcpListener::from(owned).local_addr().call("getsockname")?)
             }
