@@ -218,8 +218,11 @@ impl Primary {
     }
 
     /// The worker closed its channel (`Close`, or end of file): if it is alive, it is
-    /// disconnecting itself (Node's `worker.disconnect()` from the worker's side), and its exit
-    /// counts as one after a disconnect.
+    /// disconnecting, on its own (`Worker::disconnect`, Node's `worker.disconnect()` from the
+    /// worker's side) or answering the primary's `Disconnect`. Either way `Disconnect` is
+    /// reported now, while it may still finish what it holds, and its exit counts as one after
+    /// a disconnect. What waits in its queue stays there: it reads that until end of file,
+    /// and what it leaves unread is recovered when it is reaped.
     fn worker_closed(&mut self, slot: usize) {
         if let Some(w) = self.table.get_mut(slot) {
             if w.status.is_none() {
