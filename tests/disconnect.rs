@@ -26,7 +26,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use forkcluster::{Cluster, Connection, Error, Event, ListenAddr, Next, Primary, State, Worker};
+use forkcluster::{
+    Cluster, Connection, Error, Event, ListenAddr, Next, Primary, Schedule, State, Worker,
+};
 
 fn main() {
     util::run(tests![
@@ -38,6 +40,8 @@ fn main() {
         graceful_stop_reports_each_disconnect_before_the_exits,
         rolling_restart_disconnects_the_old_worker_while_it_finishes,
         a_worker_that_never_answers_is_disconnected_at_exit,
+        a_disconnected_worker_takes_no_new_connections_rr,
+        a_disconnected_worker_takes_no_new_connections_shared,
     ])
 }
 
@@ -391,8 +395,13 @@ fn holder(mut w: Worker, then: Then) -> i32 {
             Ok(Some(Next::Connection(mut c))) => {
                 let tcp = c.as_tcp().unwrap();
                 tcp.set_read_timeout(Some(LIMIT)).unwrap();
-                if line(&mut c) != b"hold" {
-                    return 10;
+                match &line(&mut c)[..] {
+                    b"hold" => {}
+                    b"ping" => {
+                        let _ = c.write_all(format!("{}\n", w.id()).as_bytes());
+                        continue;
+                    }
+                    _ => return 10,
                 }
                 held.push(c);
                 if w.send(b"holding").is_err() {
@@ -906,4 +915,99 @@ fn a_worker_that_never_answers_is_disconnected_at_exit() {
     assert_eq!(rec.kinds(1), ["fork", "online", "disconnect", "exit"]);
     assert_eq!(forks_after(&mut p, &mut rec), 0);
     finish(p);
+}
+
+/// `n` connections in a forked client, one after the other, each sending `ping`; returns the
+/// ids that answered (pumping the primary meanwhile).
+fn pings(p: &mut Primary, rec: &mut Rec, n: usize) -> Vec<u32> {
+    let addr = addr_of(p);
+    let (r, w) = pipe();
+    let wfd = w.as_raw_fd();
+    let pid = util::fork_child(move || {
+        close_all_but(&[0, 1, 2, wfd]);
+        let mut out = File::from(w);
+        for _ in 0..n {
+            let Ok(mut s) = TcpStream::connect(addr) else {
+                return 2;
+            };
+            s.set_read_timeout(Some(LIMIT)).unwrap();
+            let mut reply = String::new();
+            if s.write_all(b"ping\n").is_err() || s.read_to_string(&mut reply).is_err() {
+                return 3;
+            }
+            if out.write_all(reply.as_bytes()).is_err() {
+                return 4;
+            }
+        }
+        0
+    });
+    // (The parent's copy of the write end went with the closure.)
+    let end = Instant::now() + LIMIT;
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid on the child this test forked.
+        if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
+            assert!(
+                libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+                "pinger {st:#x}"
+            );
+            break;
+        }
+        assert!(Instant::now() < end, "pinger did not finish: {:?}", rec.log);
+        step(p, rec);
+    }
+    let mut text = String::new();
+    File::from(r).read_to_string(&mut text).unwrap();
+    text.lines().map(|l| l.parse().unwrap()).collect()
+}
+
+/// Once a worker disconnected itself, it takes no new connection (round-robin: the primary
+/// hands it none; shared: it closed its copies of the listeners): every new client is answered
+/// by the other worker while the first still finishes the one it holds.
+fn no_new_connections(schedule: Schedule) {
+    let mut p = Cluster::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .workers(2)
+        .schedule(schedule)
+        .start(|w: Worker| holder(w, Then::Disconnect))
+        .unwrap();
+    let mut rec = Rec::default();
+    wait_listening(&mut p, &mut rec, 2);
+    // Whichever worker holds the first connection disconnects itself.
+    let (mut client, a) = hold(&mut p, &mut rec);
+    let b = 3 - a;
+    until(&mut p, &mut rec, LIMIT, |e| *e == E::Disconnect(a));
+    check_still_finishing(&rec, a);
+    assert_eq!(pings(&mut p, &mut rec, 8), [b; 8], "{:?}", rec.log);
+    assert!(util::alive(rec.pids[&a] as i32), "still finishing");
+    assert_eq!(p.workers().count(), 2, "not replaced while it finishes");
+    client.release();
+    until(
+        &mut p,
+        &mut rec,
+        LIMIT,
+        |e| matches!(e, E::Exit { id, .. } if *id == a),
+    );
+    client.served();
+    assert_eq!(rec.exit_of(a), (Some(0), None, true));
+    assert_eq!(
+        rec.kinds(a),
+        [
+            "fork",
+            "online",
+            "listening",
+            "message",
+            "disconnect",
+            "exit"
+        ]
+    );
+    finish(p);
+}
+
+fn a_disconnected_worker_takes_no_new_connections_rr() {
+    no_new_connections(Schedule::RoundRobin);
+}
+
+fn a_disconnected_worker_takes_no_new_connections_shared() {
+    no_new_connections(Schedule::Shared);
 }
