@@ -74,7 +74,8 @@ fn main() -> forkcluster::Result<()> {
                     primary.stop(true);
                 }
             }
-            // A worker that is gone: the job it held goes to another one.
+            // A worker that disconnected or is gone takes no more jobs, and cannot answer: the
+            // job it held goes to another one.
             Event::Disconnect { id } => {
                 idle.retain(|&w| w != id);
                 if let Some(n) = busy.remove(&id) {

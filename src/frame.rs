@@ -35,6 +35,32 @@
 //! | [`Stats`](Kind::Stats) | 7 | worker → primary | connections handled `u64`, messages handled `u64` | 0 | 0 |
 //! | [`Close`](Kind::Close) | 8 | both | empty | 0 | 0 |
 //!
+//! # Disconnecting
+//!
+//! A channel is closed on purpose with [`Close`](Kind::Close), which either side may send and
+//! after which it sends nothing more. The two ways it goes, Node's disconnect model:
+//!
+//! * **The worker disconnects itself** (`Worker::disconnect`): it stops taking new work and
+//!   sends `Close`. The primary reports `Event::Disconnect` when it reads it, stops handing
+//!   the worker connections and closes its end; whatever the worker sent after the `Close` is
+//!   dropped. The worker reads what was already queued for it (connections handed over,
+//!   messages) until end of file, finishes what it holds and exits; the primary reports `Exit`
+//!   then, as one after a disconnect, and kills a worker still alive after the graceful
+//!   timeout. What it leaves unread is read back by the primary once it is gone, and each
+//!   connection goes to another worker.
+//! * **The primary asks** ([`Disconnect`](Kind::Disconnect): `Primary::disconnect`, a stop, a
+//!   rolling restart, scaling down, a recycle): it sends no connection after it. The worker
+//!   answers with `Close` as soon as it takes the request (forkcluster's worker does when its
+//!   `next` returns `Next::Disconnect`), and from there on it is the first case: the primary
+//!   reports `Event::Disconnect` when it reads the answer, while the worker may still be
+//!   finishing its connections, and `Exit` when it exits.
+//!
+//! This is the format of version 1 unchanged: `Close` from a worker was always valid, and
+//! nothing else is new. A worker that does not answer (one written against the wire alone
+//! before, or one that never reads its channel again) is reported disconnected when it exits,
+//! right before its `Exit`; a primary that predates the answer reads it as what it is, the
+//! worker closing its channel while it finishes.
+//!
 //! # Acknowledgements are optional
 //!
 //! `Ack` is part of the format so that a worker written against the wire alone can report the
@@ -103,11 +129,13 @@ pub enum Kind {
     Ack = 4,
     /// Application bytes, with up to [`MAX_FDS`] fds.
     Message = 5,
-    /// The primary asks the worker to stop taking work, finish and exit.
+    /// The primary asks the worker to stop taking work, finish and exit; the worker answers
+    /// with [`Close`](Kind::Close) (see [Disconnecting](self#disconnecting)).
     Disconnect = 6,
     /// Counters from the worker.
     Stats = 7,
-    /// The sender closes the channel on purpose.
+    /// The sender closes the channel on purpose: from a worker, its own disconnect or its
+    /// answer to [`Disconnect`](Kind::Disconnect) (see [Disconnecting](self#disconnecting)).
     Close = 8,
 }
 

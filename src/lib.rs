@@ -18,6 +18,10 @@
 //! * The primary reads lifecycle [`Event`]s from one loop ([`Primary::next_event`]): fork, online,
 //!   listening, message, disconnect, exit (code or signal), and the supervisor's own (backoff,
 //!   hung worker, rolling restart, ...). No callbacks, no threads, no allocation per event.
+//! * Disconnecting is Node's: [`Event::Disconnect`] comes when a worker's channel closes (it
+//!   called [`Worker::disconnect`], or took [`Primary::disconnect`], a stop or a restart), while
+//!   it may still be finishing the connections it holds; [`Event::Exit`] follows when it exits,
+//!   with `exited_after_disconnect`. A crash or a kill gives both at the exit.
 //! * A worker may also be another program: with [`Builder::exec`] and
 //!   [`Builder::start_exec`] each forked child `execve`s it, and the program takes its
 //!   [`Worker`] with [`Worker::from_env`] (Node's `setupPrimary({ exec, args, cwd })`).

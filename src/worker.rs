@@ -166,8 +166,12 @@ pub enum Next<'a> {
     /// A message from the primary.
     Message(Message<'a>),
     /// The primary asks this worker to stop taking work, finish what it has and return (or the
-    /// primary is gone). Returned once; afterwards [`Worker::next`] returns the messages still
-    /// queued and then `None`.
+    /// primary is gone). Returned once. The worker has answered already: it told the primary
+    /// it closes its channel (a `Close` frame), and the primary reports
+    /// [`Event::Disconnect`](crate::Event::Disconnect) then, while this process finishes the
+    /// connections it holds; its [`Event::Exit`](crate::Event::Exit) follows when it exits.
+    /// Afterwards [`Worker::next`] returns what is still queued (messages the primary sent
+    /// before it read the answer) and then `None`.
     Disconnect,
 }
 
@@ -214,6 +218,10 @@ pub struct Worker {
     accepted: bool,
     disconnecting: bool,
     closed: bool,
+    /// The `Close` that tells the primary this worker disconnects is owed (could not be sent
+    /// yet: the channel was full) or sent.
+    close_owed: bool,
+    close_sent: bool,
     next_listener: usize,
     page: Own,
     /// The page's count of closed connections (see [`Connection`]).
@@ -305,6 +313,8 @@ impl Worker {
             accepted: false,
             disconnecting: false,
             closed: false,
+            close_owed: false,
+            close_sent: false,
             next_listener: 0,
             closed_word: None,
             seat: init.seat,
@@ -447,9 +457,93 @@ impl Worker {
         }
     }
 
-    /// True once the primary asked this worker to disconnect (or is gone).
+    /// True once this worker is disconnecting: the primary asked it to (or is gone), or it
+    /// called [`disconnect`](Self::disconnect).
     pub fn is_disconnecting(&self) -> bool {
         self.disconnecting
+    }
+
+    /// Disconnects this worker from the primary (Node's `worker.disconnect()` in a worker): it
+    /// takes no new connections, tells the primary that it closes its channel (a `Close`
+    /// frame, waiting for room in the channel like [`send`](Self::send)), and goes on
+    /// finishing the connections it holds. Calling it again does nothing.
+    ///
+    /// In the primary, [`Event::Disconnect`](crate::Event::Disconnect) comes as soon as that
+    /// frame is read, while this process is still alive; its
+    /// [`WorkerInfo::connected`](crate::WorkerInfo::connected) is false from then on, and the
+    /// [`Event::Exit`](crate::Event::Exit) that follows when it exits has
+    /// `exited_after_disconnect: true`. The primary gives it the graceful timeout
+    /// ([`Builder::graceful_timeout`](crate::Builder::graceful_timeout)) to finish and exit,
+    /// then kills it; with respawn on, it is replaced once it is gone (by the crash-loop
+    /// backoff's rules), never before.
+    ///
+    /// Afterwards [`next`](Self::next) returns what the primary sent before it read the
+    /// `Close` (connections already handed to this worker, messages) and then `None`, so a
+    /// loop on `next` ends by itself; [`Next::Disconnect`] is not returned. A worker that
+    /// returns without reading them loses no connection: the primary reads them back when it
+    /// is gone and hands them to another worker. [`send`](Self::send) fails with
+    /// [`Error::Closed`] from here on.
+    ///
+    /// ```no_run
+    /// use forkcluster::{Cluster, Next};
+    /// use std::io::{Read, Write};
+    ///
+    /// let mut primary = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse().unwrap())
+    ///     .start(|mut worker| -> forkcluster::Result<()> {
+    ///         let mut served = 0;
+    ///         while let Some(next) = worker.next()? {
+    ///             if let Next::Connection(mut conn) = next {
+    ///                 let mut req = [0u8; 1024];
+    ///                 let _ = conn.read(&mut req);
+    ///                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+    ///                 served += 1;
+    ///                 if served == 10_000 {
+    ///                     // Leave: `next` returns what was handed over already, then `None`.
+    ///                     worker.disconnect()?;
+    ///                 }
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// while let Some(event) = primary.next_event()? {
+    ///     eprintln!("{event}"); // ... worker 3 disconnected, worker 3 (pid ...) exited: exit status: 0
+    /// }
+    /// # Ok::<(), forkcluster::Error>(())
+    /// ```
+    pub fn disconnect(&mut self) -> Result<()> {
+        if self.disconnecting && (self.close_sent || self.closed) {
+            return Ok(());
+        }
+        self.disconnecting = true;
+        self.stop_accepting();
+        if !self.close_sent && !self.closed {
+            self.close_owed = true;
+            self.send_close(true);
+        }
+        Ok(())
+    }
+
+    /// Sends the owed `Close` (waiting for room when `wait`): the answer to the primary's
+    /// `Disconnect`, or this worker's own [`disconnect`](Self::disconnect). A channel the
+    /// primary closed already needs none; any other failure leaves the primary to learn of the
+    /// disconnect at exit, as it would from a worker that never answers.
+    fn send_close(&mut self, wait: bool) {
+        self.seq = self.seq.wrapping_add(1);
+        let f = Frame::new(Kind::Close, self.seq, &[]);
+        let sent = if wait {
+            self.chan.send(&f, &[])
+        } else {
+            self.chan.try_send(&f, &[])
+        };
+        match sent {
+            Err(e) if e.is_would_block() => {}
+            Ok(()) => {
+                self.close_owed = false;
+                self.close_sent = true;
+            }
+            Err(_) => self.close_owed = false,
+        }
     }
 
     /// Tells the primary this worker is alive and making progress. [`next`](Self::next) and
@@ -479,6 +573,11 @@ impl Worker {
         }
         if fds.len() > MAX_FDS {
             return Err(Error::Capacity("more than MAX_FDS fds"));
+        }
+        if self.close_sent || self.close_owed {
+            // Disconnected: the primary closes its end when it reads the `Close`, and drops
+            // whatever came after it.
+            return Err(Error::Closed);
         }
         self.seq = self.seq.wrapping_add(1);
         let f = Frame::new(Kind::Message, self.seq, payload).with_fds(fds.len() as u8);
@@ -679,8 +778,10 @@ impl Worker {
         self.step(true)
     }
 
-    /// The next item if one is ready now; `None` if nothing is. Never blocks. After the channel
-    /// closed and [`Next::Disconnect`] was returned, fails with [`Error::Closed`].
+    /// The next item if one is ready now; `None` if nothing is. Never blocks. Once this worker
+    /// is disconnecting ([`Next::Disconnect`] was returned, or [`disconnect`](Self::disconnect)
+    /// was called) and the channel closed, fails with [`Error::Closed`]: the fd stays readable
+    /// (end of file) and is to be taken out of the poll set.
     pub fn try_next(&mut self) -> Result<Option<Next<'_>>> {
         if self.closed && self.disconnecting {
             return Err(Error::Closed);
@@ -692,6 +793,9 @@ impl Worker {
         self.beat(false);
         if !self.listening_sent && !self.disconnecting {
             self.announce()?;
+        }
+        if self.close_owed {
+            self.send_close(wait);
         }
         loop {
             if self.closed {
@@ -762,6 +866,13 @@ impl Worker {
                         }
                         self.disconnecting = true;
                         self.stop_accepting();
+                        // The answer (see `frame`): this worker took the request and closes its
+                        // channel. The primary reports `Disconnect` when it reads it, and what
+                        // it sent before that is still read here.
+                        if kind == Kind::Disconnect {
+                            self.close_owed = true;
+                            self.send_close(wait);
+                        }
                         return Ok(Some(Next::Disconnect));
                     }
                     _ => return Err(Error::Invalid("unexpected frame kind from the primary")),

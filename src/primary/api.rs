@@ -48,7 +48,9 @@ impl Primary {
 
     /// Sends bytes to one worker (a [`Next::Message`](crate::Next::Message) there). Never
     /// blocks: a worker whose channel is full gives an error with
-    /// [`Error::is_would_block`].
+    /// [`Error::is_would_block`]. A worker that is disconnected (its
+    /// [`Event::Disconnect`] came) but has not exited yet gives [`Error::Closed`]; one that
+    /// is gone, [`Error::NoSuchWorker`].
     pub fn send(&mut self, id: u32, payload: &[u8]) -> Result<()> {
         self.send_with_fds(id, payload, &[])
     }
@@ -65,7 +67,8 @@ impl Primary {
         self.seq = self.seq.wrapping_add(1);
         let frame = Frame::new(Kind::Message, self.seq, payload).with_fds(fds.len() as u8);
         let w = self.table.get(slot).ok_or(Error::NoSuchWorker(id))?;
-        let chan = w.chan.as_ref().ok_or(Error::NoSuchWorker(id))?;
+        // Disconnected (its `Event::Disconnect` came) but not yet exited.
+        let chan = w.chan.as_ref().ok_or(Error::Closed)?;
         chan.try_send(&frame, fds)
     }
 
@@ -97,7 +100,55 @@ impl Primary {
     }
 
     /// Asks a worker to stop taking work, finish and exit (Node's `worker.disconnect`). It is
-    /// killed if it is still alive after the graceful timeout.
+    /// killed if it is still alive after the graceful timeout, and not replaced: one worker
+    /// fewer is wanted.
+    ///
+    /// The primary stops handing it connections at once and sends it a `Disconnect` frame.
+    /// The worker takes it at its next [`Worker::next`](crate::Worker::next) (which returns
+    /// [`Next::Disconnect`](crate::Next::Disconnect)) and answers that it closes its channel:
+    /// [`Event::Disconnect`] comes then, while it may still be finishing the connections it
+    /// holds, with [`WorkerInfo::connected`] false from then on; [`Event::Exit`] follows when
+    /// it exits, with `exited_after_disconnect: true`. A worker that never reads its channel
+    /// again gets both at its exit.
+    ///
+    /// ```no_run
+    /// use forkcluster::{Cluster, Event, Next};
+    ///
+    /// let mut primary = Cluster::builder()
+    ///     .listen("127.0.0.1:8080".parse().unwrap())
+    ///     .workers(2)
+    ///     .start(|mut worker| -> forkcluster::Result<()> {
+    ///         while let Some(next) = worker.next()? {
+    ///             if let Next::Disconnect = next {
+    ///                 break; // finish what this worker holds, then return
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// primary.disconnect(1)?;
+    /// let mut disconnected = false;
+    /// loop {
+    ///     // An event borrows the primary: take what is needed out of it first.
+    ///     let exit = match primary.next_event()? {
+    ///         None => break,
+    ///         Some(Event::Disconnect { id: 1 }) => {
+    ///             disconnected = true;
+    ///             None
+    ///         }
+    ///         Some(Event::Exit { id: 1, exited_after_disconnect, .. }) => Some(exited_after_disconnect),
+    ///         Some(_) => None,
+    ///     };
+    ///     if let Some(after) = exit {
+    ///         assert!(disconnected && after);
+    ///         break;
+    ///     }
+    ///     if disconnected {
+    ///         // Worker 1 took the request and may still be finishing what it holds.
+    ///         assert!(!primary.worker(1).is_some_and(|w| w.connected));
+    ///     }
+    /// }
+    /// # Ok::<(), forkcluster::Error>(())
+    /// ```
     pub fn disconnect(&mut self, id: u32) -> Result<()> {
         let slot = self.table.find(id).ok_or(Error::NoSuchWorker(id))?;
         // Asked to leave, so not replaced (respawn is for exits nobody asked for): one worker
@@ -203,7 +254,7 @@ impl Primary {
             pid: w.pid_u32(),
             state: w.state,
             connected: w.chan.is_some(),
-            exited_after_disconnect: w.leaving,
+            exited_after_disconnect: w.leaving || w.closed_itself,
             uptime: now.saturating_duration_since(started),
             connections,
             open_connections,

@@ -90,12 +90,24 @@ pub enum Event<'a> {
         /// The fds that came with it.
         fds: ArrayVec<OwnedFd, MAX_FDS>,
     },
-    /// A worker's channel closed.
+    /// A worker's channel closed (Node's `'disconnect'`): the worker disconnected itself
+    /// ([`Worker::disconnect`](crate::Worker::disconnect)), took the primary's request to
+    /// ([`Primary::disconnect`](crate::Primary::disconnect), a graceful stop, a rolling
+    /// restart, scaling down, a recycle: it answers when its `next` returns
+    /// [`Next::Disconnect`](crate::Next::Disconnect)), broke the protocol, or exited.
+    ///
+    /// The worker may still be alive, finishing the connections it holds: it gets no new
+    /// ones, its [`WorkerInfo::connected`](crate::WorkerInfo::connected) is false from now on,
+    /// and [`Primary::send`](crate::Primary::send) to it fails with
+    /// [`Error::Closed`](crate::Error::Closed). Its `Exit` follows when it exits. For an exit
+    /// nobody asked for (a crash, [`Primary::kill`](crate::Primary::kill), the worker function
+    /// returning) and for a worker that never answers, both come together at the exit.
     Disconnect {
         /// Worker id.
         id: u32,
     },
-    /// A worker exited. Comes after its `Disconnect`, exactly once.
+    /// A worker exited. Comes after its `Disconnect`, exactly once; the worker is gone from the
+    /// table.
     Exit {
         /// Worker id.
         id: u32,
@@ -103,7 +115,9 @@ pub enum Event<'a> {
         pid: u32,
         /// Exit code or terminating signal.
         status: ExitStatus,
-        /// Whether it was asked to leave (Node's `exitedAfterDisconnect`): false for a crash.
+        /// Whether it was asked to leave or disconnected itself (Node's
+        /// `exitedAfterDisconnect`): false for a crash, a kill and a worker function that
+        /// returned on its own.
         exited_after_disconnect: bool,
     },
     /// A worker broke the protocol (malformed frame, unexpected fds, a frame only the primary

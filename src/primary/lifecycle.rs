@@ -1,6 +1,17 @@
 //! The end of a worker's life as the primary's system calls see it: signals read from the
 //! `signalfd`, reaping, the channel closing, the `Disconnect` request going out, and the final
 //! `Exit`. What each of these means for the cluster is the supervisor's to decide.
+//!
+//! Node's model: `Event::Disconnect` is reported when the worker's channel closes, `Exit` when
+//! the worker is gone (after it, exactly once). Path by path:
+//!
+//! | path | when the channel closes (`Disconnect`) | `Exit` |
+//! |---|---|---|
+//! | `Worker::disconnect` | the primary reads the worker's `Close`: the worker may still be finishing connections | at its exit, `exited_after_disconnect` |
+//! | `Primary::disconnect`, graceful stop, rolling restart, scale down, recycle | the worker took the `Disconnect` frame (its `next` returned `Next::Disconnect`) and answered with `Close` | at its exit, `exited_after_disconnect` |
+//! | a worker that is asked but never reads its channel again (or speaks the wire without answering) | at its exit, just before `Exit` | `exited_after_disconnect` |
+//! | `Primary::kill`, fast stop, a crash, the worker function returning | at its exit, just before `Exit` (everything it sent is read first) | not after a disconnect, unless it was asked to leave |
+//! | a protocol violation | at once (the primary closes it; SIGKILL) | a crash |
 
 use std::time::Instant;
 
@@ -134,7 +145,8 @@ impl Primary {
     }
 
     /// The primary's end of a worker's channel is done with: the worker exited (and all it sent
-    /// was read), sent `Close`, or broke the protocol.
+    /// was read), sent `Close` (its own disconnect, or its answer to the primary's), or broke
+    /// the protocol. `Disconnect` is reported here, and `Exit` too once it was reaped.
     pub(super) fn channel_closed(&mut self, slot: usize) {
         self.unready(slot);
         let Some(w) = self.table.get_mut(slot) else {

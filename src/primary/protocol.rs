@@ -145,7 +145,7 @@ impl Primary {
                     return None;
                 }
                 Err(Error::Closed) => {
-                    self.worker_closed(slot);
+                    self.worker_closed(slot, false);
                     return None;
                 }
                 Err(e) => {
@@ -197,7 +197,7 @@ impl Primary {
                 }
                 Verdict::Ignore => {}
                 Verdict::Close => {
-                    self.worker_closed(slot);
+                    self.worker_closed(slot, true);
                     return None;
                 }
                 Verdict::Violation(what) => {
@@ -229,12 +229,22 @@ impl Primary {
     }
 
     /// The worker closed its channel (`Close`, or end of file): if it is alive, it is
-    /// disconnecting itself (Node's `worker.disconnect()` from the worker's side), and its exit
-    /// counts as one after a disconnect.
-    fn worker_closed(&mut self, slot: usize) {
+    /// disconnecting, on its own (`Worker::disconnect`, Node's `worker.disconnect()` from the
+    /// worker's side) or answering the primary's `Disconnect`. Either way `Disconnect` is
+    /// reported now, while it may still finish what it holds, and its exit counts as one after
+    /// a disconnect. What waits in its queue stays there: it reads that until end of file,
+    /// and what it leaves unread is recovered when it is reaped.
+    ///
+    /// A `Close` (`frame`) read after the worker was reaped is still its disconnect (it sent
+    /// it and exited at once: Node's `worker.kill()` in a worker); end of file after the reap
+    /// is only its death.
+    fn worker_closed(&mut self, slot: usize, frame: bool) {
         if let Some(w) = self.table.get_mut(slot) {
-            if w.status.is_none() {
+            let alive = w.status.is_none();
+            if alive || frame {
                 w.closed_itself = true;
+            }
+            if alive {
                 self.sup.closed_itself(slot, Instant::now());
                 self.apply();
             }

@@ -18,7 +18,8 @@ pub enum State {
     Online,
     /// Taking connections (sent `Listening`).
     Listening,
-    /// Asked to disconnect, or its channel closed; finishing.
+    /// Asked to disconnect, or its channel closed (it disconnected itself, or took the
+    /// request); finishing.
     Disconnecting,
 }
 
@@ -31,9 +32,11 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// Lifecycle state.
     pub state: State,
-    /// Whether its channel is open.
+    /// Whether its channel is open: false from its [`Event::Disconnect`](crate::Event::Disconnect)
+    /// on, while it may still be finishing its connections (Node's `worker.isConnected()`).
     pub connected: bool,
-    /// Whether it was asked to leave (disconnect, kill, restart, stop).
+    /// Whether its exit will be one after a disconnect (Node's `exitedAfterDisconnect`): it was
+    /// asked to leave (disconnect, restart, stop, scale down, recycle) or disconnected itself.
     pub exited_after_disconnect: bool,
     /// Time since fork.
     pub uptime: Duration,

@@ -101,13 +101,16 @@ impl Supervisor {
     }
 
     /// The application asked one worker to leave: one worker fewer is wanted (it is not
-    /// replaced), unless it was leaving or being replaced already.
+    /// replaced), unless it was leaving or being replaced already. That holds too for a worker
+    /// that disconnected itself and is still finishing: it was to be replaced once gone, and
+    /// now is not (marking it as leaving without one worker fewer wanted would fork its
+    /// replacement at once, before it is gone).
     pub(crate) fn disconnect(&mut self, slot: usize, now: Instant) {
         if self
             .members
             .get(slot)
             .and_then(Option::as_ref)
-            .is_some_and(|m| !m.leaving && !m.replaced && m.connected)
+            .is_some_and(|m| !m.leaving && !m.replaced)
         {
             self.desired = self.desired.saturating_sub(1);
         }

@@ -291,8 +291,12 @@ impl Supervisor {
         }
     }
 
-    /// The worker in `slot` closed its channel itself (a `Close` frame, or end of file while
-    /// it lives): it is disconnecting, and has the graceful timeout to finish and exit.
+    /// The worker in `slot` closed its channel while it lives (a `Close` frame, or end of file):
+    /// it is disconnecting, and has the graceful timeout to finish and exit. A worker that
+    /// disconnects on its own (`Worker::disconnect`) still counts towards the wanted number
+    /// until it is gone, so nothing is forked for it before its exit. A worker asked to leave
+    /// answers its `Disconnect` this way: the timer of the request stands (the earlier one
+    /// wins).
     pub(crate) fn closed_itself(&mut self, slot: usize, now: Instant) {
         let at = after(now, self.cfg.graceful_timeout);
         let Some(m) = self.members.get_mut(slot).and_then(Option::as_mut) else {

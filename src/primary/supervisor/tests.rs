@@ -467,3 +467,156 @@ fn an_idle_looking_worker_with_hand_offs_waiting_too_long_is_hung() {
     let a = s.tick(7201, idle(true));
     assert!(a.contains(&Action::Event(Ev::Hung(1))), "{a:?}");
 }
+
+// ----- disconnects: the channel closes before the exit (Node's disconnect model) --------------
+
+/// The signals among `actions`, as `(slot, signal)`.
+fn signals(actions: &[Action]) -> Vec<(usize, Signal)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Signal { slot, sig } => Some((*slot, *sig)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The channel of worker `id` closes at `ms` while it lives: it sent `Close` (its own
+/// `Worker::disconnect`, or its answer to a `Disconnect`), as the primary reports it.
+fn closes(s: &mut Sim, id: u32, ms: u64) -> Vec<Action> {
+    let slot = s.slot_of(id);
+    s.sup.closed_itself(slot, s.at(ms));
+    s.sup.channel_closed(slot, s.at(ms));
+    s.run(ms)
+}
+
+#[test]
+fn a_worker_that_disconnects_itself_is_replaced_only_once_gone() {
+    let cfg = Supervision {
+        backoff_min: MS * 100,
+        healthy_uptime: MS * 1000,
+        graceful_timeout: MS * 500,
+        ..Supervision::default()
+    };
+    let mut s = Sim::new(cfg, 2);
+    for id in [1, 2] {
+        s.sup.ready(s.slot_of(id), s.at(5));
+    }
+    let _ = s.run(5);
+    // Worker 1 disconnects itself at 2000 ms and finishes a connection: it still counts.
+    let a = closes(&mut s, 1, 2000);
+    assert_eq!(forks(&a), 0, "no replacement while it is alive: {a:?}");
+    assert!(a.contains(&Action::Wake(s.at(2500))), "{a:?}");
+    assert_eq!(s.sup.desired(), 2);
+    for t in [2100, 2300, 2499] {
+        let a = s.tick(t, |_| Probe::default());
+        assert_eq!(forks(&a), 0, "still not replaced at {t} ms: {a:?}");
+        assert!(signals(&a).is_empty(), "{a:?}");
+    }
+    // It exits by itself before its timeout: replaced then, by the rules of a crash (it was
+    // old and healthy, so at once).
+    let a = s.exit(1, 0, 2400);
+    assert_eq!(forks(&a), 1, "replaced once gone: {a:?}");
+    assert!(backoffs(&a).is_empty(), "{a:?}");
+
+    // A young one (it disconnects itself right after start) backs off like a crash loop.
+    let young = s.next_id - 1;
+    s.sup.ready(s.slot_of(young), s.at(2410));
+    assert_eq!(forks(&closes(&mut s, young, 2420)), 0);
+    let a = s.exit(young, 0, 2430);
+    assert_eq!(forks(&a), 0, "no fork before the backoff: {a:?}");
+    assert_eq!(backoffs(&a), [MS * 100]);
+    assert_eq!(forks(&s.tick(2530, |_| Probe::default())), 1);
+}
+
+#[test]
+fn a_worker_that_disconnects_itself_and_lingers_is_killed_after_the_graceful_timeout() {
+    let cfg = Supervision {
+        graceful_timeout: MS * 500,
+        ..Supervision::default()
+    };
+    let mut s = Sim::new(cfg, 1);
+    s.sup.ready(0, s.at(5));
+    let _ = s.run(5);
+    let _ = closes(&mut s, 1, 100);
+    assert!(s.tick(599, |_| Probe::default()).is_empty());
+    let a = s.tick(600, |_| Probe::default());
+    assert_eq!(signals(&a), [(0, Signal::KILL)]);
+    assert_eq!(forks(&a), 0, "still there until it is reaped");
+    // A second `Close` (or end of file) does not move the timer later.
+    let _ = closes(&mut s, 1, 700);
+    assert!(signals(&s.tick(1100, |_| Probe::default())).is_empty());
+    // Reaped: replaced (after the minimum backoff, as a worker killed while serving).
+    let a = s.exit(1, KILLED, 610);
+    assert_eq!(backoffs(&a), [Supervision::default().backoff_min]);
+}
+
+#[test]
+fn the_answer_to_a_disconnect_keeps_the_timeout_of_the_request() {
+    let cfg = Supervision {
+        graceful_timeout: MS * 500,
+        ..Supervision::default()
+    };
+    let mut s = Sim::new(cfg, 2);
+    s.sup.disconnect(s.slot_of(1), s.at(0));
+    let a = s.run(0);
+    assert_eq!(a[0], Action::Disconnect { slot: 0 });
+    assert_eq!(s.sup.desired(), 1);
+    // It answers at 300 ms (its `Close`: the primary reports `Disconnect` now) and finishes.
+    let a = closes(&mut s, 1, 300);
+    assert_eq!(forks(&a), 0, "{a:?}");
+    assert!(s.tick(499, |_| Probe::default()).is_empty());
+    assert_eq!(
+        signals(&s.tick(500, |_| Probe::default())),
+        [(0, Signal::KILL)],
+        "the graceful timeout counts from the request, not from the answer"
+    );
+    assert_eq!(
+        forks(&s.exit(1, KILLED, 510)),
+        0,
+        "asked to leave: not respawned"
+    );
+    assert_eq!(s.sup.desired(), 1);
+}
+
+#[test]
+fn disconnecting_a_worker_that_disconnected_itself_retires_it_without_an_early_fork() {
+    let mut s = Sim::new(Supervision::default(), 2);
+    for id in [1, 2] {
+        s.sup.ready(s.slot_of(id), s.at(5));
+    }
+    let _ = s.run(5);
+    assert_eq!(forks(&closes(&mut s, 1, 2000)), 0);
+    // The application, seeing its `Disconnect`, asks it to leave: one worker fewer, and its
+    // replacement is not forked (not now, while it lives, nor when it is gone).
+    s.sup.disconnect(s.slot_of(1), s.at(2010));
+    let a = s.run(2010);
+    assert_eq!(forks(&a), 0, "{a:?}");
+    assert_eq!(s.sup.desired(), 1);
+    assert_eq!(forks(&s.exit(1, 0, 2100)), 0);
+    assert_eq!(forks(&s.tick(5000, |_| Probe::default())), 0);
+}
+
+#[test]
+fn a_rolling_restart_step_whose_old_worker_answers_early_forks_nothing_more() {
+    let mut s = Sim::new(Supervision::default(), 2);
+    for id in [1, 2] {
+        s.sup.ready(s.slot_of(id), s.at(5));
+    }
+    let _ = s.run(5);
+    s.sup.restart();
+    assert_eq!(forks(&s.run(10)), 1);
+    let new = s.next_id - 1;
+    // The replacement is ready: worker 1 is asked to leave (and the next step forks worker
+    // 2's replacement), and answers at once.
+    s.sup.ready(s.slot_of(new), s.at(20));
+    let a = s.run(20);
+    assert!(a.contains(&Action::Disconnect { slot: 0 }), "{a:?}");
+    assert_eq!(forks(&a), 1, "the next step: {a:?}");
+    assert_eq!(forks(&closes(&mut s, 1, 25)), 0);
+    // Worker 1 still finishes; its exit is planned: nothing more is forked for it.
+    assert_eq!(forks(&s.tick(100, |_| Probe::default())), 0);
+    assert_eq!(forks(&s.exit(1, 0, 200)), 0);
+    assert_eq!(s.sup.desired(), 2);
+    assert!(s.sup.restarting(), "worker 2 is still to be replaced");
+}
