@@ -130,9 +130,8 @@ impl Plan {
                 .copied()
                 .flatten()
                 .or(l.fd.as_ref().map(|f| f.as_raw_fd()));
-            // UDP sockets go to every worker, whatever the schedule (as in `spawn`).
-            // TODO(reuseport-udp): under Schedule::ReusePort, the seat's own SO_REUSEPORT UDP
-            // socket comes in `seat_fds` like the TCP ones (nothing else to change here).
+            // UDP sockets go to every worker, whatever the schedule (as in `spawn`; under
+            // reuseport the seat's own, from `seat_fds`).
             let holds = shared || l.family == Family::Udp;
             if let (true, Some(fd)) = (holds, fd) {
                 list.extend_from_slice(

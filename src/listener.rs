@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Mode};
+use rustix::net::SocketType;
 
 use crate::error::{Call, Result};
 
@@ -157,6 +158,11 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
                 Some((path, st.st_dev as u64, st.st_ino as u64)),
             )
         }
+        Spec::Udp(addr) if opts.reuseport => (
+            reuseport_socket(addr, SocketType::DGRAM)?,
+            Family::Udp,
+            None,
+        ),
         Spec::Udp(addr) => (
             OwnedFd::from(UdpSocket::bind(addr).call("bind")?),
             Family::Udp,
@@ -192,7 +198,7 @@ pub(crate) fn bind(spec: Spec, opts: BindOptions) -> Result<Listener> {
 /// bound to port 0 gives its port back when it stops listening (a `shutdown`), and would
 /// listen again on another port; one bound to a port keeps it.
 fn reuseport_bound(addr: SocketAddr) -> Result<OwnedFd> {
-    let first = reuseport_socket(addr)?;
+    let first = reuseport_socket(addr, SocketType::STREAM)?;
     if addr.port() != 0 {
         return Ok(first);
     }
@@ -201,42 +207,43 @@ fn reuseport_bound(addr: SocketAddr) -> Result<OwnedFd> {
             "a TCP socket with a non-TCP address",
         ));
     };
-    reuseport_socket(chosen)
+    reuseport_socket(chosen, SocketType::STREAM)
 }
 
-/// A TCP socket bound to `addr` with `SO_REUSEADDR` and `SO_REUSEPORT` (not listening yet).
-fn reuseport_socket(addr: SocketAddr) -> Result<OwnedFd> {
-    use rustix::net::{sockopt, AddressFamily, SocketType};
+/// A TCP (`STREAM`) or UDP (`DGRAM`) socket bound to `addr` with `SO_REUSEADDR` and
+/// `SO_REUSEPORT` (a TCP one not listening yet).
+fn reuseport_socket(addr: SocketAddr, ty: SocketType) -> Result<OwnedFd> {
+    use rustix::net::{sockopt, AddressFamily};
     let family = if addr.is_ipv4() {
         AddressFamily::INET
     } else {
         AddressFamily::INET6
     };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        rustix::net::SocketFlags::CLOEXEC,
-        None,
-    )
-    .call("socket")?;
+    let fd = rustix::net::socket_with(family, ty, rustix::net::SocketFlags::CLOEXEC, None)
+        .call("socket")?;
     sockopt::set_socket_reuseaddr(&fd, true).call("setsockopt(SO_REUSEADDR)")?;
     sockopt::set_socket_reuseport(&fd, true).call("setsockopt(SO_REUSEPORT)")?;
     rustix::net::bind(&fd, &addr).call("bind")?;
     Ok(fd)
 }
 
-/// One more socket in the reuseport group of listener `l` (a TCP listener with
-/// `SO_REUSEPORT`): bound to the same address, listening like it. `None` when `l` cannot have
-/// one (a Unix listener, or an inherited socket without `SO_REUSEPORT`: it stays shared).
+/// One more socket in the reuseport group of listener `l` (a TCP listener or UDP socket with
+/// `SO_REUSEPORT`): bound to the same address, listening like it (TCP). `None` when `l` cannot
+/// have one (a Unix listener, or an inherited socket without `SO_REUSEPORT`: it stays shared).
 pub(crate) fn seat_socket(l: &Listener, opts: BindOptions) -> Result<Option<OwnedFd>> {
-    let (Some(orig), Family::Tcp, ListenAddr::Tcp(addr)) = (&l.fd, l.family, &l.addr) else {
-        return Ok(None);
+    let (ty, addr) = match (l.family, &l.addr) {
+        (Family::Tcp, ListenAddr::Tcp(a)) => (SocketType::STREAM, a),
+        (Family::Udp, ListenAddr::Udp(a)) => (SocketType::DGRAM, a),
+        _ => return Ok(None),
     };
+    let Some(orig) = &l.fd else { return Ok(None) };
     if !rustix::net::sockopt::socket_reuseport(orig).unwrap_or(false) {
         return Ok(None);
     }
-    let fd = reuseport_socket(*addr)?;
-    listen(&fd, Family::Tcp, opts)?;
+    let fd = reuseport_socket(*addr, ty)?;
+    if l.family == Family::Tcp {
+        listen(&fd, Family::Tcp, opts)?;
+    }
     Ok(Some(fd))
 }
 

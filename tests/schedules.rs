@@ -24,6 +24,7 @@ fn main() {
         sticky_clients_keep_their_seat_across_a_respawn => 40,
         max_connections_per_worker_sends_the_rest_elsewhere => 30,
         a_refused_connection_is_served_by_another_worker => 30,
+        reuseport_udp_one_socket_per_seat_kept_across_a_respawn => 30,
     ])
 }
 
@@ -36,6 +37,19 @@ fn listening_inodes(port: u16) -> BTreeSet<u64> {
             let f: Vec<&str> = l.split_whitespace().collect();
             let lport = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
             (lport == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// The inodes of the UDP sockets bound to `port` (`/proc/net/udp`).
+fn udp_inodes(port: u16) -> BTreeSet<u64> {
+    let t = std::fs::read_to_string("/proc/net/udp").unwrap();
+    t.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let lport = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (lport == port).then(|| f.get(9)?.parse().ok())?
         })
         .collect()
 }
@@ -540,4 +554,87 @@ fn a_refused_connection_is_served_by_another_worker() {
         assert_eq!(p.worker(1).unwrap().open_connections, 0);
         finish(p);
     }
+}
+
+/// Reuseport with a UDP listener: each worker holds its seat's own UDP socket (one each, all
+/// bound to the port), datagrams from many client sockets reach more than one worker, and a
+/// respawned worker gets the same socket back.
+fn reuseport_udp_one_socket_per_seat_kept_across_a_respawn() {
+    fn echo_id(mut w: Worker) -> i32 {
+        let id = w.id().to_string();
+        let mut buf = [0u8; 64];
+        loop {
+            match w.try_next() {
+                Ok(Some(Next::Disconnect)) | Err(_) => return 0,
+                _ => {}
+            }
+            let Some(sock) = w.udp_socket(0) else {
+                return 0;
+            };
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(id.as_bytes(), from);
+            }
+        }
+    }
+    let mut p = Cluster::builder()
+        .listen_udp(lo0())
+        .workers(3)
+        .schedule(Schedule::ReusePort)
+        .start(echo_id)
+        .unwrap();
+    wait_ready(&mut p, 3);
+    let addr = match p.listen_addrs().next() {
+        Some(forkcluster::ListenAddr::Udp(a)) => *a,
+        other => panic!("{other:?}"),
+    };
+    let bound = udp_inodes(addr.port());
+    let by_pid: BTreeMap<u32, u64> = pids(&p)
+        .values()
+        .map(|&pid| {
+            let mine: Vec<u64> = socket_inodes(pid).intersection(&bound).copied().collect();
+            assert_eq!(mine.len(), 1, "worker {pid} holds UDP sockets {mine:?}");
+            (pid, mine[0])
+        })
+        .collect();
+    let sockets: BTreeSet<u64> = by_pid.values().copied().collect();
+    assert_eq!(sockets.len(), 3, "one UDP socket per seat");
+    let ask = move || {
+        let mut out = Vec::new();
+        for _ in 0..30 {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.send_to(b"?", addr).unwrap();
+            let mut b = [0u8; 16];
+            let n = c.recv(&mut b).expect("an answer");
+            let id: u32 = std::str::from_utf8(&b[..n]).unwrap().parse().unwrap();
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out
+    };
+    let ids = u32s(&client_quiet(&mut p, Duration::from_secs(20), ask));
+    let served: BTreeSet<u32> = ids.iter().copied().collect();
+    assert!(
+        served.len() >= 2,
+        "30 client sockets over 3 seats: {served:?}"
+    );
+    // A respawn sits in the same seat and holds the same socket.
+    let (&victim, _) = pids(&p).iter().next().unwrap();
+    let victim_sock = by_pid[&pids(&p)[&victim]];
+    kill(pids(&p)[&victim], libc::SIGKILL);
+    until(&mut p, Duration::from_secs(10), |e| {
+        matches!(e, E::Listening { .. })
+    });
+    let new = p.workers().find(|w| w.id > 3).expect("a respawned worker");
+    let mine: Vec<u64> = socket_inodes(new.pid)
+        .intersection(&bound)
+        .copied()
+        .collect();
+    assert_eq!(
+        mine,
+        vec![victim_sock],
+        "the respawn holds the dead worker's socket"
+    );
+    finish(p);
 }

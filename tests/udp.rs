@@ -460,7 +460,8 @@ fn udp_echo_by_every_worker_round_robin_and_shared() {
 /// order: each answers with its own index; in round-robin the worker holds only the UDP
 /// sockets, in the shared schedule every socket, each lent out as its std type.
 fn mixed_listeners_keep_their_indices() {
-    // Reuseport: the UDP sockets are shared for now (TODO(reuseport-udp): one per seat).
+    // (Reuseport: the listen_udp socket is the seat's own, the inherited one, which has no
+    // SO_REUSEPORT, is shared: see tests/schedules.rs for the seats.)
     for schedule in [Schedule::RoundRobin, Schedule::Shared, Schedule::ReusePort] {
         let path = tmp_path(schedule.name());
         let mine = UdpSocket::bind(lo0()).unwrap();

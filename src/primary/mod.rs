@@ -154,7 +154,11 @@ impl Primary {
         );
         // From here on, whatever fails drops the `Primary`, which restores the signal mask and
         // SIGCHLD's disposition, removes the socket files and kills what was forked.
-        let settings_listeners = listeners.len();
+        let stream_listeners: ArrayVec<bool, 16> = listeners
+            .iter()
+            .take(16)
+            .map(|l| l.family != crate::listener::Family::Udp)
+            .collect();
         let mut p = Primary {
             epoll: Some(epoll),
             sigfd: None,
@@ -174,9 +178,9 @@ impl Primary {
             seats: seats::Seats::new(
                 max,
                 if settings.schedule == Schedule::ReusePort {
-                    settings_listeners
+                    &stream_listeners
                 } else {
-                    0
+                    &[]
                 },
             ),
             sup,

@@ -40,6 +40,9 @@ pub(crate) struct Seats {
     socks: Vec<Option<OwnedFd>>,
     /// Listeners per seat in `socks` (0 unless reuseport).
     pub(crate) nl: usize,
+    /// Which listener indexes are stream listeners (the primary accepts on a stream seat
+    /// socket nobody takes; a UDP one keeps its datagrams for the seat's next worker).
+    stream: ArrayVec<bool, 16>,
     /// Workers in each seat that take its work (not leaving, not hung), newest last.
     takers: Vec<Sitters>,
     /// Workers in each seat still alive (leaving ones included).
@@ -51,9 +54,12 @@ pub(crate) struct Seats {
 }
 
 impl Seats {
-    /// Seats for at most `max` workers, with `nl` reuseport sockets each (0: none).
-    pub(crate) fn new(max: usize, nl: usize) -> Seats {
+    /// Seats for at most `max` workers, with a reuseport socket for each of `stream`'s
+    /// listeners (true: a stream listener; empty: no sockets).
+    pub(crate) fn new(max: usize, stream: &[bool]) -> Seats {
+        let nl = stream.len().min(16);
         Seats {
+            stream: stream.iter().copied().take(16).collect(),
             socks: Vec::with_capacity(max * nl),
             nl,
             takers: Vec::with_capacity(max),
@@ -187,12 +193,15 @@ impl Seats {
         (0..self.len()).filter(|&s| self.open[s])
     }
 
-    /// The sockets of one seat: ((seat, listener), fd).
+    /// The stream sockets of one seat (what the primary accepts on, checks and drains):
+    /// ((seat, listener), fd).
     pub(crate) fn socks_of(&self, seat: usize) -> impl Iterator<Item = ((u32, usize), &OwnedFd)> {
         let nl = self.nl;
+        let stream = &self.stream;
         self.socks[seat * nl..(seat + 1) * nl]
             .iter()
             .enumerate()
+            .filter(move |(li, _)| stream[*li])
             .filter_map(move |(li, fd)| fd.as_ref().map(|fd| ((seat as u32, li), fd)))
     }
 
@@ -212,7 +221,7 @@ impl Primary {
         for l in &self.dispatch.listeners {
             let fd = if seat == 0 {
                 match (&l.fd, l.family) {
-                    (Some(fd), crate::listener::Family::Tcp)
+                    (Some(fd), crate::listener::Family::Tcp | crate::listener::Family::Udp)
                         if rustix::net::sockopt::socket_reuseport(fd).unwrap_or(false) =>
                     {
                         Some(fd.try_clone().call("fcntl(F_DUPFD_CLOEXEC)")?)
@@ -311,6 +320,9 @@ impl Primary {
     pub(super) fn drain_seat(&mut self, seat: usize) {
         let flags = self.dispatch.accept_flags();
         for li in 0..self.seats.nl {
+            if !self.seats.stream[li] {
+                continue;
+            }
             let Some(fd) = self.seats.sock(seat as u32, li) else {
                 continue;
             };
@@ -361,7 +373,7 @@ mod tests {
 
     #[test]
     fn a_replacement_shares_and_a_respawn_takes_the_lowest_vacant_seat() {
-        let mut s = Seats::new(8, 0);
+        let mut s = Seats::new(8, &[]);
         for i in 0..3 {
             let (seat, _) = s.pick(None);
             assert_eq!(seat, i);

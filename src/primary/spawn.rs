@@ -209,11 +209,8 @@ impl Primary {
                 let fd = match own.next().flatten() {
                     Some(seat_fd) => Some(seat_fd),
                     // Datagrams are not handed off: every worker holds the UDP sockets, in
-                    // every schedule; the stream listeners only where the workers accept.
-                    // TODO(reuseport-udp): under Schedule::ReusePort, this seat's own
-                    // SO_REUSEPORT UDP socket replaces the shared one here (from
-                    // `listener::seat_socket`, which makes TCP ones only so far; and in
-                    // `exec::Plan::new` for exec'd workers).
+                    // every schedule (under reuseport, its seat's own, above); the stream
+                    // listeners only where the workers accept.
                     None => fd.filter(|_| shared || family == Family::Udp),
                 };
                 (fd, family, addr)
