@@ -7,9 +7,14 @@
 //! * [`Cluster::builder`] binds the listeners and [`Builder::start`] forks the workers. Each
 //!   worker runs the function given to `start` in its own process and exits with what it
 //!   returns; `start` returns only in the primary, with the [`Primary`].
-//! * Connections reach workers in one of two ways ([`Schedule`]): **round-robin** (the default:
-//!   the primary accepts each connection and passes its fd to the next ready worker) or
-//!   **shared** (every worker accepts on the listener it inherited; the kernel picks).
+//! * Connections reach workers by a [`Schedule`]: **round-robin** (the default: the primary
+//!   accepts each connection and passes its fd to the next ready worker), **least
+//!   connections** (the same hand-off, to the less loaded of two workers), **sticky** (the
+//!   client's IP picks the worker's seat), **shared** (every worker accepts on the listener it
+//!   inherited; the kernel picks) or **reuseport** (one `SO_REUSEPORT` socket per worker seat,
+//!   kept by the primary across the worker's deaths and restarts, so no backlog is lost).
+//!   [`Builder::max_connections_per_worker`] and [`Worker::refuse`] send connections a worker
+//!   cannot take to another worker.
 //! * UDP sockets ([`Builder::listen_udp`]) are shared by every worker in every schedule, as
 //!   Node's clustered `dgram`: the primary binds them, the workers read them
 //!   ([`Worker::udp_socket`]). Where workers accept, [`Worker::tcp_listener`] and
