@@ -45,7 +45,7 @@ pub enum Schedule {
     LeastConnections,
     /// Hand-off by the client's IP address: the same address goes to the same worker seat
     /// (rendezvous hashing over seats), so a worker's death moves only its own clients, and
-    /// its replacement gets them back. Unix connections go round-robin.
+    /// its replacement gets them back. Unix connections (no address) go by least connections.
     Sticky,
 }
 

@@ -25,6 +25,7 @@ fn main() {
     util::run(tests![
         events_messages_and_connections_round_robin => 30,
         shared_schedule_serves_and_fds_are_exactly_the_workers => 30,
+        reuseport_exec_workers_get_their_seats_sockets => 30,
         crash_and_respawn => 30,
         missing_program_exits_127_with_backoff => 30,
         args_cwd_and_env_reach_the_program => 30,
@@ -304,6 +305,16 @@ fn events_messages_and_connections_round_robin() {
 }
 
 fn shared_schedule_serves_and_fds_are_exactly_the_workers() {
+    accepting_schedule_serves(Schedule::Shared);
+}
+
+/// Under reuseport each exec'd worker gets its own seat's sockets at fds 4 and 5: the two
+/// workers' listeners are different sockets.
+fn reuseport_exec_workers_get_their_seats_sockets() {
+    accepting_schedule_serves(Schedule::ReusePort);
+}
+
+fn accepting_schedule_serves(schedule: Schedule) {
     if skip() {
         return;
     }
@@ -315,7 +326,7 @@ fn shared_schedule_serves_and_fds_are_exactly_the_workers() {
         .listen(lo0())
         .listen(lo0())
         .workers(2)
-        .schedule(Schedule::Shared)
+        .schedule(schedule)
         .exec(worker_path())
         .start_exec()
         .expect("start_exec");
@@ -328,8 +339,15 @@ fn shared_schedule_serves_and_fds_are_exactly_the_workers() {
             .all(|b| b.starts_with("hello from exec'd worker ")),
         "{bodies:?}"
     );
+    let mut listeners = Vec::new();
     for &(id, pid) in &forks {
         let fds = util::fds_of(pid as i32);
+        listeners.push(
+            fds.iter()
+                .filter(|f| f.0 == 4 || f.0 == 5)
+                .map(|f| f.1.clone())
+                .collect::<Vec<_>>(),
+        );
         let mut above: Vec<(i32, String)> = fds.iter().filter(|f| f.0 > 2).cloned().collect();
         // Inherited: the channel at 3 and the two listeners at 4 and 5.
         let inherited: Vec<i32> = above
@@ -352,6 +370,12 @@ fn shared_schedule_serves_and_fds_are_exactly_the_workers() {
             "worker {id}: {fds:?}"
         );
     }
+    let same = listeners[0] == listeners[1];
+    assert_eq!(
+        same,
+        schedule == Schedule::Shared,
+        "{schedule:?}: the workers' listening sockets {listeners:?}"
+    );
     drop(leaked);
     stop_cleanly(p, &[1, 2]);
 }

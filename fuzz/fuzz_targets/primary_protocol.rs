@@ -18,7 +18,8 @@
 //!   message that worker sent, as many as it attached, in order: every attached fd is the read
 //!   end of a fresh pipe holding an 8-byte tag (run, worker, step, fd index), which the primary
 //!   side reads back. Workers exit with code 77 if the primary sends them anything but
-//!   `Disconnect` (no connection or fd of another worker reaches them).
+//!   `Disconnect` or a `Connection` (no client connects: a connection is one a sibling handed
+//!   back, which the primary passes on to a worker, as it should).
 //! * Each worker's events are exactly, in order: `Fork`, `Online`, the `Listening` and
 //!   `Message` events its frames call for, `WorkerError` (with the expected error) if and only
 //!   if it broke the protocol, `Disconnect`, `Exit` with the expected status: a worker that broke
@@ -766,6 +767,9 @@ fn worker_main(w: Worker, plan: &Plan, run: u8) -> i32 {
         }
         match rx.try_recv(&mut buf) {
             Ok(Some(got)) if got.frame.kind() == Kind::Disconnect => return 0,
+            // A connection a sibling handed back (its scripted `Connection` frame): the primary
+            // gives it to another worker, maybe this one. Its fd is closed here.
+            Ok(Some(got)) if got.frame.kind() == Kind::Connection => {}
             Ok(Some(_)) => return CODE_GOT_WORK,
             Ok(None) => {}
             Err(Error::Closed) => return 0,
