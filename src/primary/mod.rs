@@ -7,6 +7,8 @@
 //! | `api` | the public controls: send, kill, disconnect, stop, restart, scale, the table |
 //! | `table` | worker slots, ids, generations, epoll tokens, lookup by id and pid |
 //! | `dispatch` | accept, pending queue, hand-off, in-flight bound, recovery |
+//! | `choose` | least connections, sticky, the connection limit, connections handed back |
+//! | `seats` | workers' seats: reuseport sockets (made, polled, drained, closed), sticky's score |
 //! | `schedule` | which ready worker gets the next connection |
 //! | `protocol` | frames from workers: judge, account, turn into events |
 //! | `lifecycle` | signals, reaping, channel close, `Disconnect`, `Exit` |
@@ -15,6 +17,7 @@
 //! | `events` | [`Event`], [`ClusterStats`], the event queue |
 
 mod api;
+mod choose;
 mod dispatch;
 mod events;
 mod lifecycle;
