@@ -265,7 +265,7 @@ fn listen(fd: &OwnedFd, family: Family, opts: BindOptions) -> Result<()> {
 /// TCP and Unix (listening already, or not yet: `bind` has it listen), a bound `AF_INET` or
 /// `AF_INET6` datagram socket for UDP. Unix datagram sockets are not served.
 fn check_bound(fd: &OwnedFd, family: Family) -> Result<()> {
-    use rustix::net::{sockopt, AddressFamily, SocketType};
+    use rustix::net::{sockopt, AddressFamily};
     let ty = sockopt::socket_type(fd).call("getsockopt(SO_TYPE)")?;
     match family {
         Family::Tcp | Family::Unix if ty == SocketType::STREAM => Ok(()),
