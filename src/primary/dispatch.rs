@@ -534,12 +534,28 @@ impl Primary {
         if !self.settings.schedule.workers_accept() || !self.sup.running() {
             return;
         }
+        let reuseport = self.settings.schedule == Schedule::ReusePort;
         for l in &self.dispatch.listeners {
             let Some(fd) = &l.fd else { continue };
-            if l.family == Family::Tcp
-                && !rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(true)
-                && rustix::net::listen(fd, self.dispatch.backlog).is_ok()
+            if l.family != Family::Tcp
+                || (reuseport && rustix::net::sockopt::socket_reuseport(fd).unwrap_or(false))
+                || rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(true)
             {
+                // (Reuseport: seat 0's socket, which `check_seats` looks after.)
+                continue;
+            }
+            // A socket bound to port 0 gives its port back when it is shut down: listening
+            // again would pick another port, so it stays shut (as a Unix listener does).
+            // Reuseport binds every socket to its port, so this is only the shared schedule's.
+            let port = |a: &crate::listener::ListenAddr| match a {
+                crate::listener::ListenAddr::Tcp(a) => a.port(),
+                _ => 0,
+            };
+            let bound = rustix::net::getsockname(fd)
+                .ok()
+                .and_then(|a| std::net::SocketAddr::try_from(a).ok())
+                .map_or(0, |a| a.port());
+            if bound == port(&l.addr) && rustix::net::listen(fd, self.dispatch.backlog).is_ok() {
                 self.events.stats.listeners_restored += 1;
             }
         }
