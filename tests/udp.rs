@@ -585,17 +585,29 @@ fn worker_fds_with_udp() {
             .unwrap();
         let (forks, _) = wait_ready(&mut p, 2);
         for &(id, pid) in &forks {
-            let extra = extra_fds(pid, &base);
-            let mut kinds: Vec<&str> = extra
-                .iter()
-                .map(|t| {
-                    ["eventfd", "eventpoll", "timerfd", "socket:"]
-                        .into_iter()
-                        .find(|k| t.contains(k))
-                        .unwrap_or(t.as_str())
-                })
-                .collect();
-            kinds.sort();
+            let kinds_of = |extra: &[String]| -> Vec<String> {
+                let mut k: Vec<String> = extra
+                    .iter()
+                    .map(|t| {
+                        ["eventfd", "eventpoll", "timerfd", "socket:"]
+                            .into_iter()
+                            .find(|k| t.contains(k))
+                            .unwrap_or(t.as_str())
+                            .to_string()
+                    })
+                    .collect();
+                k.sort();
+                k
+            };
+            // The worker closes its spare fd for the moment of each read of its channel (and
+            // makes it again right after): look until it is back (qemu-user is slow there).
+            let mut extra = extra_fds(pid, &base);
+            let end = std::time::Instant::now() + Duration::from_secs(2);
+            while kinds_of(&extra) != want && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+                extra = extra_fds(pid, &base);
+            }
+            let kinds = kinds_of(&extra);
             assert_eq!(
                 kinds, want,
                 "worker {id} ({schedule:?}, tcp {with_tcp}): {extra:?}"
