@@ -102,6 +102,8 @@ pub struct Primary {
     sd: Option<Lifecycle>,
     /// A rolling restart was under way at the last `apply` (for `RELOADING=1`/`READY=1`).
     was_restarting: bool,
+    /// The wanted workers at the last `apply` (fewer now: empty reuseport seats may go).
+    was_wanted: usize,
 }
 
 impl Primary {
@@ -209,6 +211,7 @@ impl Primary {
             chld_was_ignored: false,
             sd,
             was_restarting: false,
+            was_wanted: n,
             settings,
         };
         // With SIGCHLD ignored the kernel reaps children itself and no exit would be seen:
@@ -375,6 +378,11 @@ impl Primary {
                 Action::Wake(at) => self.arm_tick(at),
             }
         }
+        let wanted = self.sup.desired();
+        if wanted < self.was_wanted {
+            self.trim_seats();
+        }
+        self.was_wanted = wanted;
         if let Some(sd) = self.sd.as_mut() {
             let restarting = self.sup.restarting();
             if restarting && !self.was_restarting {

@@ -234,6 +234,9 @@ impl Primary {
             fds.push(fd);
         }
         self.seats.opened(seat, fds);
+        // Polled until its worker sits down (right after the fork), so that nothing waits in
+        // it if the fork fails.
+        self.poll_seat(seat);
         Ok(())
     }
 
