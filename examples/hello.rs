@@ -6,8 +6,15 @@
 //!                                         [--max-requests N] [--hang-timeout SECS]
 //!                                         [--defer-accept SECS] [--systemd]
 //!                                         [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..]
-//!                                         [--nofile N]
+//!                                         [--nofile N] [--backlog N]
+//!                                         [--say-seat] [--slow-ms MS]
 //! ```
+//!
+//! Bench options (bench/run.sh `schedules`; off by default, and then the request path is the
+//! same as without them): `--say-seat` adds `X-Worker: <id>` and `X-Seat: <seat>` headers to
+//! every response (the seat is the worker id until `Worker::seat()` exists); `--slow-ms MS`
+//! makes every request whose target starts with `/slow` block its worker for MS ms before the
+//! answer (a slow handler); `--backlog N` sets the listen backlog (default 511).
 //!
 //! `--systemd`: serve the sockets systemd passes (socket activation, `LISTEN_FDS`) instead of
 //! `--listen` (which stays the fallback when none is passed); under `Type=notify` the primary
@@ -55,12 +62,15 @@ struct Opts {
     user: Option<String>,
     affinity: Option<Affinity>,
     nofile: Option<u64>,
+    backlog: Option<i32>,
+    say_seat: bool,
+    slow_ms: u64,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N] [--backlog N] [--say-seat] [--slow-ms MS]"
     );
     std::process::exit(2)
 }
@@ -79,6 +89,9 @@ fn opts() -> Opts {
         user: None,
         affinity: None,
         nofile: None,
+        backlog: None,
+        say_seat: false,
+        slow_ms: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -132,6 +145,9 @@ fn opts() -> Opts {
                 })
             }
             "--nofile" => o.nofile = Some(val().parse().unwrap_or_else(|_| usage("bad --nofile"))),
+            "--backlog" => o.backlog = Some(val().parse().unwrap_or_else(|_| usage("bad --backlog"))),
+            "--say-seat" => o.say_seat = true,
+            "--slow-ms" => o.slow_ms = val().parse().unwrap_or_else(|_| usage("bad --slow-ms")),
             "-h" | "--help" => usage("help"),
             _ => usage(&format!("unknown argument {a}")),
         }
@@ -178,7 +194,11 @@ fn main() -> Result<(), forkcluster::Error> {
     if let Some(n) = o.nofile {
         b = b.nofile_limit(n);
     }
-    let mut primary = b.start(serve)?;
+    if let Some(n) = o.backlog {
+        b = b.backlog(n);
+    }
+    let (say_seat, slow_ms) = (o.say_seat, o.slow_ms);
+    let mut primary = b.start(move |w| serve(w, say_seat, slow_ms))?;
     for addr in primary.listen_addrs() {
         eprintln!("primary {} serving on {addr}", std::process::id());
     }
@@ -220,15 +240,20 @@ struct Server {
     keep_alive: Vec<u8>,
     close: Vec<u8>,
     draining: Option<Instant>,
+    /// `--slow-ms`: requests for `/slow...` block the worker this long.
+    slow: Option<Duration>,
 }
 
 /// The worker: one epoll loop.
-fn serve(mut worker: Worker) -> forkcluster::Result<()> {
+fn serve(mut worker: Worker, say_seat: bool, slow_ms: u64) -> forkcluster::Result<()> {
     let body = format!("hello from worker {} (pid {})\n", worker.id(), worker.pid());
-    let head = format!(
+    let mut head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
         body.len()
     );
+    if say_seat {
+        head += &format!("X-Worker: {}\r\nX-Seat: {}\r\n", worker.id(), seat(&worker));
+    }
     let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
     epoll::add(
         &ep,
@@ -244,6 +269,7 @@ fn serve(mut worker: Worker) -> forkcluster::Result<()> {
         keep_alive: format!("{head}\r\n{body}").into_bytes(),
         close: format!("{head}Connection: close\r\n\r\n{body}").into_bytes(),
         draining: None,
+        slow: (slow_ms > 0).then(|| Duration::from_millis(slow_ms)),
     };
     let mut events = [epoll::Event {
         flags: epoll::EventFlags::empty(),
@@ -275,6 +301,13 @@ fn serve(mut worker: Worker) -> forkcluster::Result<()> {
             }
         }
     }
+}
+
+/// The worker's seat (its slot, which a replacement inherits), for `--say-seat`. Until the
+/// crate exposes `Worker::seat()` this is the worker id, and the bench maps a replacement's id
+/// to the seat of the worker it replaced (from the Exit/Fork order in the primary's log).
+fn seat(worker: &Worker) -> u32 {
+    worker.id()
 }
 
 fn take_work(worker: &mut Worker, s: &mut Server, accepting: &mut bool) -> forkcluster::Result<()> {
@@ -342,6 +375,7 @@ impl Server {
 
     fn readable(&mut self, i: usize) {
         let draining = self.draining.is_some();
+        let slow = self.slow;
         let Some(conn) = self.conns.get_mut(i).and_then(|c| c.as_mut()) else {
             return;
         };
@@ -362,6 +396,11 @@ impl Server {
         while let Some(end) = memchr::memmem::find(&conn.buf[off..conn.len], b"\r\n\r\n") {
             let head = &conn.buf[off..off + end + 2];
             close = draining || wants_close(head);
+            if let Some(d) = slow {
+                if head.starts_with(b"GET /slow") {
+                    std::thread::sleep(d);
+                }
+            }
             let resp = if close { &self.close } else { &self.keep_alive };
             if conn.c.write_all(resp).is_err() {
                 close = true;
