@@ -15,6 +15,8 @@
 # Environment (defaults): DURATION=20 (s per server)  INTERVAL=0.2 (s)  WORKERS=2  CONNS=50
 #   THREADS=1  TIMEOUT=2s (wrk's request timeout)  SERVERS="hello node"
 #   NODE=/usr/bin/node (or node on PATH)  KEEP=1 keeps the temporary directory
+#   SCHEDULE=rr|shared|reuseport|lc|sticky (hello's --schedule, default rr)
+#   HELLO=<path> a hello binary to use instead of building target/release/examples/hello
 #   MODE=keep-alive|close (close: wrk sends `Connection: close`, one request per connection, so a
 #   kill can only fail the requests the dead worker was serving at that moment; with keep-alive
 #   every connection a dead worker held fails, whatever the server)
@@ -37,6 +39,8 @@ THREADS=${THREADS:-1}
 TIMEOUT=${TIMEOUT:-2s}
 SERVERS=${SERVERS:-"hello node"}
 NODE=${NODE:-$(command -v node || echo /usr/bin/node)}
+SCHEDULE=${SCHEDULE:-rr}
+HELLO_BIN=${HELLO:-$repo/target/release/examples/hello}
 
 log() { printf '%s chaos: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "$*"; exit 2; }
@@ -142,7 +146,7 @@ run_one() {
   : > "$kills_f"
   case $name in
     hello)
-      "$repo/target/release/examples/hello" --listen "127.0.0.1:$port" --workers "$WORKERS" \
+      "$HELLO_BIN" --listen "127.0.0.1:$port" --workers "$WORKERS" --schedule "$SCHEDULE" \
         </dev/null >/dev/null 2>"$log" &
       SERVER_PID=$!
       wait_ready "$log" " listening on " "$WORKERS" || { cat "$log" >&2; die "hello did not start"; }
@@ -185,8 +189,11 @@ run_one() {
 for s in $SERVERS; do
   case $s in
     hello)
-      log "building hello (release)"
-      (cd "$repo" && cargo build -q --release --example hello) || die "cargo build failed"
+      if [ -z "${HELLO:-}" ]; then
+        log "building hello (release)"
+        (cd "$repo" && cargo build -q --release --example hello) || die "cargo build failed"
+      fi
+      [ -x "$HELLO_BIN" ] || die "no hello at $HELLO_BIN"
       ;;
     node)
       # Respawn on exit while not stopping: one line added at the top of the exit handler.
@@ -207,7 +214,7 @@ echo "chaos: ${DURATION}s of wrk -t$THREADS -c$CONNS ($MODE, --timeout $TIMEOUT)
 printf '%-28s %12s %10s %7s %16s\n' server requests failed kills failures/kill
 for s in $SERVERS; do
   case $s in
-    hello) label="forkcluster hello (rr)" ;;
+    hello) label="forkcluster hello ($SCHEDULE)" ;;
     node) label="node cluster (rr)" ;;
   esac
   printf '%-28s %12s %10s %7s %16s\n' "$label" "${REQ[$s]}" "${FAIL[$s]}" "${KILLS[$s]}" "$(per_kill "${FAIL[$s]}" "${KILLS[$s]}")"

@@ -1,7 +1,7 @@
 /* bench/loadgen.c - the `schedules` section's HTTP client (run.sh builds it into its scratch dir).
  *
  *   loadgen [-c CONNS] [-d SECS] [-n REQUESTS] [-s SLOW_FRACTION] [-H HEADER] [-S SOURCES]
- *           [-t TIMEOUT_MS] [-o FILE] [-r SEED] PORT
+ *           [-t TIMEOUT_MS] [-o FILE] [-r SEED] [-R RATE] PORT
  *
  * A closed loop of CONNS connections to 127.0.0.1:PORT, one `GET / HTTP/1.1` with
  * `Connection: close` per connection (a fresh TCP connection per request, as `wrk -H
@@ -14,6 +14,9 @@
  *   -S N   request number i binds its socket to source address index i % N before connect:
  *          127.0.0.0/8 address 127.(1 + k / 62500).(k / 250 % 250).(1 + k % 250) for index k
  *          (so N = 1000 gives 1000 client IPs).
+ *   -R R   open loop: start requests at R per second on average (Poisson arrivals), on at most
+ *          CONNS connections at a time (a request that finds all CONNS busy waits, and its
+ *          latency counts from its arrival time), instead of the closed loop.
  *   -o F   one line per finished request: `<unix time s.us at completion> <source index> <value>`
  *          (value of -H, `ERR:<kind>` for a failure).
  *
@@ -29,6 +32,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -156,13 +160,13 @@ static void finish(struct slot *s, int err, const char *value) {
     }
 }
 
-static void start(struct slot *s, int idx) {
+static void start(struct slot *s, int idx, double t0) {
     s->slow = g_slow_frac > 0 && drand48() < g_slow_frac;
     s->sent = 0;
     s->len = 0;
     s->src = g_sources > 0 ? g_started % g_sources : -1;
     g_started++;
-    s->t0 = now_s();
+    s->t0 = t0 > 0 ? t0 : now_s();
     s->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (s->fd < 0) { perror("socket"); exit(1); }
     int one = 1;
@@ -262,8 +266,9 @@ int main(int argc, char **argv) {
     int conns = 50, opt;
     double dur = 10, timeout_ms = 2000;
     long max_req = -1, seed = 1;
+    double rate = 0;
     const char *out = NULL;
-    while ((opt = getopt(argc, argv, "c:d:n:s:H:S:t:o:r:")) != -1) {
+    while ((opt = getopt(argc, argv, "c:d:n:s:H:S:t:o:r:R:")) != -1) {
         switch (opt) {
         case 'c': conns = atoi(optarg); break;
         case 'd': dur = atof(optarg); break;
@@ -274,6 +279,7 @@ int main(int argc, char **argv) {
         case 't': timeout_ms = atof(optarg); break;
         case 'o': out = optarg; break;
         case 'r': seed = atol(optarg); break;
+        case 'R': rate = atof(optarg); break;
         default:
             fprintf(stderr, "usage: loadgen [-c N] [-d S] [-n N] [-s F] [-H X] [-S N] [-t MS] [-o F] [-r SEED] PORT\n");
             return 2;
@@ -291,6 +297,7 @@ int main(int argc, char **argv) {
     if (!slots || !evs) return 1;
     double t_start = now_s(), t_end = t_start + dur;
     int active = 0;
+    double next_arrival = t_start; /* open loop: the next request's arrival time */
     for (int i = 0; i < conns; i++) slots[i].fd = -1;
     for (;;) {
         double t = now_s();
@@ -301,12 +308,26 @@ int main(int argc, char **argv) {
             if (s->fd >= 0 && (t - s->t0) * 1000 > timeout_ms) finish(s, ERR_TIMEOUT, NULL);
             /* a slot finished synchronously (connect refused) is restarted at once, bounded by
              * the loop: at most one start per slot per pass */
-            if (s->fd < 0 && more && (max_req < 0 || g_started < max_req)) start(s, i);
+            if (s->fd < 0 && more && (max_req < 0 || g_started < max_req)) {
+                if (rate <= 0) start(s, i, 0);
+                else if (next_arrival <= t && next_arrival < t_end) {
+                    start(s, i, next_arrival);
+                    next_arrival += -log(1.0 - drand48()) / rate;
+                }
+            }
             if (s->fd >= 0) active++;
         }
-        if (!active && !more) break;
-        if (!active) continue;
-        int n = epoll_wait(g_epfd, evs, conns, 10);
+        if (!active && (!more || (rate > 0 && next_arrival >= t_end))) break;
+        int wait_ms = 10;
+        if (rate > 0) {
+            double dt = (next_arrival - now_s()) * 1000;
+            wait_ms = dt <= 0 ? 0 : dt < 10 ? (int)dt + 1 : 10;
+        }
+        if (!active) {
+            if (wait_ms > 0) usleep((useconds_t)wait_ms * 1000);
+            continue;
+        }
+        int n = epoll_wait(g_epfd, evs, conns, wait_ms);
         for (int k = 0; k < n; k++) {
             struct slot *s = &slots[evs[k].data.u32];
             if (s->fd < 0) continue;

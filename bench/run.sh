@@ -19,6 +19,11 @@
 #   size      static musl hello (profile small) vs the std-only Rust hello floor
 #   syscalls  strace -c of hello-rr and c-rr (primary, workers) under the close load: syscalls
 #             per request (SYSCALL_SERVERS="hello-rr c-rr")
+#   schedules (extra, issue 11) every schedule (rr shared reuseport lc sticky) against the peers:
+#             evenness over 8 workers, connections lost at restart, p99 under skewed work, sticky
+#             seats across a worker's death, cost, hello rr vs C rr like for like (+ strace,
+#             perf), chaos.sh per schedule. See bench/schedules.sh (SCHED_PARTS=...). Quick:
+#             SECTIONS=schedules DURATION=2s ROUNDS=1 bench/run.sh (~6 min on 2 cores)
 #
 # Environment (defaults):
 #   DURATION=10s ROUNDS=2 CONNS=50 THREADS=1
@@ -165,6 +170,11 @@ CMD[hello-shared]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule share
 CMD[hello-rr-musl]="$HELLO_MUSL --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
 # hello without TCP_DEFER_ACCEPT, like the C servers (SERVERS="... hello-rr-nodefer")
 CMD[hello-rr-nodefer]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule rr --defer-accept 0"
+# every schedule by name, 2 workers (reuseport runs as shared and lc/sticky as rr until their
+# dispatch lands)
+for _s in reuseport lc sticky; do
+  CMD[hello-$_s]="$HELLO --listen 127.0.0.1:{PORT} --workers 2 --schedule $_s"
+done
 if [ -n "$HELLO_BASE" ]; then
   CMD[hello-base-rr]="$HELLO_BASE --listen 127.0.0.1:{PORT} --workers 2 --schedule rr"
   CMD[hello-base-shared]="$HELLO_BASE --listen 127.0.0.1:{PORT} --workers 2 --schedule shared"
@@ -203,8 +213,8 @@ section_ipc() {
 
 # ---------------------------------------------------------------------------------------------
 # one close-mode wrk run against an already started server; appends a row to scale.tsv
-scale_one() {            # impl workers port
-  local impl=$1 n=$2 port=$3 d=$OUT/scale raw pids t0 t1 pt0 pt1 pn0 pn1 s0 s1
+scale_one() {            # impl workers port (rows go to $SCALE_DIR/scale.tsv, default $OUT/scale)
+  local impl=$1 n=$2 port=$3 d=${SCALE_DIR:-$OUT/scale} raw pids t0 t1 pt0 pt1 pn0 pn1 s0 s1
   raw=$d/wrk-$impl-$n.txt
   pids=$(tree_pids "$SERVER_PID")
   # the tree's CPU from schedstat (ns): utime+stime are whole clock ticks per process, and with
@@ -396,10 +406,13 @@ section_syscalls() {
   done
 }
 
+# shellcheck source=bench/schedules.sh
+. "$here/schedules.sh"
+
 for sec in $SECTIONS; do
   case $sec in
-    http|ipc|scale|mem|startup|size|syscalls) ;;
-    *) die "unknown section '$sec' (http ipc scale mem startup size syscalls)" ;;
+    http|ipc|scale|mem|startup|size|syscalls|schedules) ;;
+    *) die "unknown section '$sec' (http ipc scale mem startup size syscalls schedules)" ;;
   esac
   echo "loadavg_before_$sec=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/meta.txt"
   "section_$sec"
