@@ -1,7 +1,7 @@
 /* bench/loadgen.c - the `schedules` section's HTTP client (run.sh builds it into its scratch dir).
  *
  *   loadgen [-c CONNS] [-d SECS] [-n REQUESTS] [-s SLOW_FRACTION] [-H HEADER] [-S SOURCES]
- *           [-t TIMEOUT_MS] [-o FILE] [-r SEED] [-R RATE] PORT
+ *           [-t TIMEOUT_MS] [-o FILE] [-r SEED] [-R RATE] [-O OFFSET] PORT
  *
  * A closed loop of CONNS connections to 127.0.0.1:PORT, one `GET / HTTP/1.1` with
  * `Connection: close` per connection (a fresh TCP connection per request, as `wrk -H
@@ -13,7 +13,8 @@
  *          `value <v> <count>` lines (`value - N`: answers without the header).
  *   -S N   request number i binds its socket to source address index i % N before connect:
  *          127.0.0.0/8 address 127.(1 + k / 62500).(k / 250 % 250).(1 + k % 250) for index k
- *          (so N = 1000 gives 1000 client IPs).
+ *          (so N = 1000 gives 1000 client IPs); -O K starts at index K instead of 0 (another
+ *          order of the same IPs, so that round-robin does not repeat a previous pass's mapping).
  *   -R R   open loop: start requests at R per second on average (Poisson arrivals), on at most
  *          CONNS connections at a time (a request that finds all CONNS busy waits, and its
  *          latency counts from its arrival time), instead of the closed loop.
@@ -127,7 +128,7 @@ static double wall_s(void) {
 }
 
 static int g_port, g_epfd;
-static long g_sources;
+static long g_sources, g_offset;
 static const char *g_header;
 static double g_slow_frac;
 static FILE *g_out;
@@ -164,7 +165,7 @@ static void start(struct slot *s, int idx, double t0) {
     s->slow = g_slow_frac > 0 && drand48() < g_slow_frac;
     s->sent = 0;
     s->len = 0;
-    s->src = g_sources > 0 ? g_started % g_sources : -1;
+    s->src = g_sources > 0 ? (g_started + g_offset) % g_sources : -1;
     g_started++;
     s->t0 = t0 > 0 ? t0 : now_s();
     s->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -268,7 +269,7 @@ int main(int argc, char **argv) {
     long max_req = -1, seed = 1;
     double rate = 0;
     const char *out = NULL;
-    while ((opt = getopt(argc, argv, "c:d:n:s:H:S:t:o:r:R:")) != -1) {
+    while ((opt = getopt(argc, argv, "c:d:n:s:H:S:t:o:r:R:O:")) != -1) {
         switch (opt) {
         case 'c': conns = atoi(optarg); break;
         case 'd': dur = atof(optarg); break;
@@ -280,6 +281,7 @@ int main(int argc, char **argv) {
         case 'o': out = optarg; break;
         case 'r': seed = atol(optarg); break;
         case 'R': rate = atof(optarg); break;
+        case 'O': g_offset = atol(optarg); break;
         default:
             fprintf(stderr, "usage: loadgen [-c N] [-d S] [-n N] [-s F] [-H X] [-S N] [-t MS] [-o F] [-r SEED] PORT\n");
             return 2;

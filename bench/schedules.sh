@@ -150,7 +150,7 @@ sched_queue_one() {      # name label port
   wait_procs $((QUEUE_WORKERS + 1)) || log "$s: not all workers up"
   raw=$d/loadgen-$s.txt; ev=$d/events-$s.txt
   : > "$ev"
-  "$LOADGEN" -c "$QUEUE_CONNS" -d "$QUEUE_SECS" -t 5000 "$port" > "$raw" 2>&1 &
+  "$LOADGEN" -c "$QUEUE_CONNS" -d "$QUEUE_SECS" -t 5000 -o "$d/requests-$s.txt" "$port" > "$raw" 2>&1 &
   BG_PID=$!
   t=$(awk -v s="$QUEUE_SECS" 'BEGIN{printf "%.2f", s/5}')
   sleep "$t"
@@ -164,16 +164,25 @@ sched_queue_one() {      # name label port
   wait "$BG_PID"; BG_PID=""
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$(kv "$raw" requests)" "$(kv "$raw" ok)" \
     "$(kv "$raw" err_reset)" "$(kv "$raw" err_eof)" "$(kv "$raw" err_connect)" "$(kv "$raw" err_timeout)" \
-    "$(kv "$raw" err_non200)" "$(kv "$raw" err_other)" "$(grep -c SIGHUP "$ev")" "$(grep -c SIGKILL "$ev")" >> "$d/queue.tsv"
+    "$(kv "$raw" err_non200)" "$(kv "$raw" err_other)" "$(grep -c SIGHUP "$ev")" "$(grep -c SIGKILL "$ev")" \
+    "$(queue_windows "$ev" "$d/requests-$s.txt")" >> "$d/queue.tsv"
   tail -1 "$d/queue.tsv" >&2
   stop_server
   sleep "$PAUSE"
 }
 
+# failures (reset+eof+connect) before the first signal, from the SIGHUP to the first SIGKILL,
+# and after it: "pre:N hup:N kill:N"
+queue_windows() {        # events requests
+  awk 'NR==FNR { if ($2=="SIGHUP") h=$1; else if ($2=="SIGKILL" && !k) k=$1; next }
+       $3 ~ /^ERR:(reset|eof|connect)/ { if (h && $1 >= h && (!k || $1 < k)) nh++; else if (k && $1 >= k) nk++; else np++ }
+       END { printf "pre:%d hup:%d kill:%d", np, nh, nk }' "$1" "$2"
+}
+
 sched_queue() {
   local d=$OUT/schedules/queue s port
   mkdir -p "$d"
-  printf 'server\trequests\tok\treset\teof\tconnect\ttimeout\tnon200\tother\thups\tkills\n' > "$d/queue.tsv"
+  printf 'server\trequests\tok\treset\teof\tconnect\ttimeout\tnon200\tother\thups\tkills\twindows\n' > "$d/queue.tsv"
   port=$(free_port $((BASE_PORT + 110)))
   log "== schedules/queue: $QUEUE_SERVERS ($QUEUE_WORKERS workers, backlog $QUEUE_BACKLOG, -c$QUEUE_CONNS, ${QUEUE_SECS}s: SIGHUP, 2 SIGKILL)"
   for s in $QUEUE_SERVERS; do
@@ -232,7 +241,7 @@ sched_sticky() {
     done
     timeout 60 "$LOADGEN" -c 16 -n "$STICKY_IPS" -S "$STICKY_IPS" -H X-Seat -o "$d/base-$s.txt" "$port" > "$d/loadgen-base-$s.txt" 2>&1
     # a longer pass (3 times the IPs) across the kill and the replacement
-    "$LOADGEN" -c 16 -n $((3 * STICKY_IPS)) -S "$STICKY_IPS" -d 30 -H X-Seat -o "$d/run-$s.txt" "$port" > "$d/loadgen-run-$s.txt" 2>&1 &
+    "$LOADGEN" -c 16 -n $((3 * STICKY_IPS)) -S "$STICKY_IPS" -O 337 -d 30 -H X-Seat -o "$d/run-$s.txt" "$port" > "$d/loadgen-run-$s.txt" 2>&1 &
     BG_PID=$!
     sleep 0.05
     victim=$(printf '%s\n' $(cat /proc/"$SERVER_PID"/task/*/children 2>/dev/null) | shuf -n 1)
@@ -246,7 +255,7 @@ sched_sticky() {
       [ -n "$newid" ] && grep -q " worker $newid listening on " "$log" && break
       sleep 0.1
     done
-    timeout 60 "$LOADGEN" -c 16 -n "$STICKY_IPS" -S "$STICKY_IPS" -H X-Seat -o "$d/after-$s.txt" "$port" > "$d/loadgen-after-$s.txt" 2>&1
+    timeout 60 "$LOADGEN" -c 16 -n "$STICKY_IPS" -S "$STICKY_IPS" -O 611 -H X-Seat -o "$d/after-$s.txt" "$port" > "$d/loadgen-after-$s.txt" 2>&1
     stop_server
     python3 - "$s" "$d" "$tkill" "$vid" "${newid:-}" "$log" >> "$d/sticky.tsv" <<'PY'
 import sys
