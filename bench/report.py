@@ -2,7 +2,7 @@
 """bench/report.py OUTDIR: the markdown report of one bench/run.sh run (stdout).
 
 Reads what run.sh wrote in OUTDIR (http/results.tsv, ipc/wire.txt, scale/scale.tsv,
-mem/mem.tsv, startup/startup.tsv, size/size.tsv, syscalls/*, meta.txt); sections whose files
+mem/mem.tsv, startup/startup.tsv, size/size.tsv, syscalls/*, schedules/*, meta.txt); sections whose files
 are missing are left out. Ratios are forkcluster / reference for rates (higher is better) and
 compare medians over the rounds; "per round" lists the same ratio inside each round, where
 both servers ran minutes apart under the same machine load.
@@ -343,6 +343,194 @@ if req:
            + " (strace slows the servers: compare counts, not rates).", "",
            table(["syscall"] + [c for c, _ in cols], rows), ""]
     sections.append("\n".join(txt))
+
+# ---------------------------------------------------------------------------------------------
+# 8. Schedules (issue 11): evenness, queue at restart, skew, sticky, cost, like for like, chaos
+def sched_section():
+    base = os.path.join("schedules")
+    if not os.path.isdir(path(base)):
+        return
+    txt = ["## 8. Schedules (issue 11)", ""]
+    smeta = {}
+    if os.path.isfile(path(base, "meta.txt")):
+        for line in open(path(base, "meta.txt")):
+            k, _, v = line.strip().partition("=")
+            smeta[k] = v
+        txt += ["Settings: " + "; ".join(f"{k} {v}" for k, v in smeta.items()), ""]
+
+    ev = read_tsv(base, "even", "even.tsv")
+    if ev:
+        rows = []
+        for r in ev:
+            vals = [int(x.split("=")[1]) for x in r["values"].split(",") if "=" in x]
+            want = int(num(r["workers"]) or 0)
+            counts = sorted(vals, reverse=True) + [0] * max(0, want - len(vals))
+            tot = sum(counts)
+            mm = (counts[0] / counts[-1]) if counts and counts[-1] else None
+            shares = " ".join(f"{100 * c / tot:.1f}" for c in counts) if tot else ""
+            target = ""
+            name = r["server"]
+            if name in ("hello-rr", "hello-lc", "hello-reuseport"):
+                target = "<= 1.2"
+                goal(f"evenness {name} ({want} workers, close) max/min", "inf" if mm is None else fr(mm),
+                     "<= 1.2", mm is not None and mm <= 1.2)
+            rows.append([name, f"{len(vals)}/{want}", fi(num(r["requests"])), fi(num(r["rps"])), r["errors"],
+                         "inf" if mm is None else fr(mm), target, shares])
+        txt += ["### 8.1 Evenness: each worker's share of the answers (close load; X-Worker header)", "",
+                table(["server", "workers answering", "requests", "req/s", "errors", "max/min", "target",
+                       "shares % (largest first)"], rows), ""]
+
+    qu = read_tsv(base, "queue", "queue.tsv")
+    if qu:
+        rows = []
+        for r in qu:
+            lost = sum(int(num(r[k]) or 0) for k in ("reset", "eof", "connect"))
+            rows.append([r["server"], fi(num(r["requests"])), fi(num(r["ok"])), r["reset"], r["eof"], r["connect"],
+                         r["timeout"], r["non200"], r["other"], f"**{lost}**", r.get("windows", ""),
+                         f"{r['hups']} HUP, {r['kills']} KILL"])
+            if r["server"] == "hello-reuseport":
+                goal("no queue lost at restart: hello-reuseport reset+eof+connect (SIGHUP + 2 SIGKILL)", str(lost),
+                     "0", lost == 0)
+        txt += ["### 8.2 Connections lost at restart (full backlog, SIGHUP then 2 SIGKILLs, under load)", "",
+                "Failures at the client by kind (loadgen); lost = reset + eof + connect; windows: lost before the "
+                "first signal / from the SIGHUP to the first SIGKILL / after it. The C peer gets no SIGHUP (it has "
+                "no reload) and does not respawn. A SIGKILL also fails what the dead worker had accepted and not "
+                "answered (rr: the requests it was serving), so `kill:` mixes in-flight and queued losses.", "",
+                table(["server", "requests", "ok", "reset", "eof", "connect", "timeout", "non200", "other", "lost",
+                       "windows", "signals"], rows), ""]
+
+    sk = read_tsv(base, "skew", "skew.tsv")
+    if sk:
+        rows, p99 = [], {}
+        for r in sk:
+            p99[r["server"]] = num(r["fast_p99_us"])
+            rows.append([r["server"], r["rate"], r["slow_fraction"], r["slow_ms"], fi(num(r["requests"])), r["errors"],
+                         fi(num(r["fast_n"])), fi(num(r["fast_p50_us"])), fi(num(r["fast_p90_us"])),
+                         f"**{fi(num(r['fast_p99_us']))}**", fi(num(r["fast_p999_us"])), fi(num(r["slow_n"])),
+                         fi(num(r["slow_p50_us"])), fi(num(r["slow_p99_us"]))])
+        txt += ["### 8.3 Skewed work: latency of the fast requests when 10% block their worker", "",
+                "Open loop (Poisson arrivals), each request to /slow with the given probability (chosen at random "
+                "by the client); the slow ones block their worker for slow_ms. Latencies in us, from arrival.", "",
+                table(["server", "req/s", "slow fraction", "slow ms", "requests", "errors", "fast n", "fast p50",
+                       "fast p90", "fast p99", "fast p99.9", "slow n", "slow p50", "slow p99"], rows), ""]
+        a, b = p99.get("hello-rr"), p99.get("hello-lc")
+        if a and b:
+            txt += [f"Fast p99, rr / lc: **{fr(a / b)}** (above 1.00: lc keeps fast requests away from blocked workers).", ""]
+            goal("skew: fast p99 rr / lc (4 workers, 10% slow)", fr(a / b), "> 1 (lc better)", a / b > 1.0)
+
+    st = read_tsv(base, "sticky", "sticky.tsv")
+    if st:
+        rows = [[r["server"], r["phase"], fi(num(r["requests"])), fi(num(r["same_seat"])), f"**{r['fraction']}**",
+                 r["note"]] for r in st]
+        for r in st:
+            if r["server"] == "hello-sticky" and r["phase"] == "during" and num(r["fraction"]) is not None:
+                goal("sticky: fraction of IPs on their old seat while one of 8 is replaced", r["fraction"], ">= 0.875",
+                     num(r["fraction"]) >= 0.875)
+            if r["server"] == "hello-sticky" and r["phase"] == "after (new pass)" and num(r["fraction"]) is not None:
+                goal("sticky: fraction on their old seat after the replacement listens", r["fraction"], "1.0",
+                     num(r["fraction"]) >= 0.999)
+        txt += ["### 8.4 Sticky: client IPs on their old seat across a worker's SIGKILL and replacement", "",
+                "1000 client IPs (127.x.y.z); the baseline pass gives each IP's seat (X-Seat; the worker id until "
+                "`Worker::seat()` exists, with the replacement's id mapped to the killed worker's). Then a pass of "
+                "3000 requests in another IP order across the kill (phases by completion time against the kill "
+                "and the replacement's `listening` line), and a new pass after it listens.", "",
+                table(["server", "phase", "requests", "same seat", "fraction", "note"], rows), ""]
+
+    co = read_tsv(base, "cost", "results.tsv")
+    if co:
+        by = {}
+        for r in co:
+            rps, cores = num(r["req_s"]), num(r["server_cores"])
+            by.setdefault(r["server"], []).append((r["round"], rps, rps / cores if rps and cores else None, r))
+        rows = []
+        for s, rs in by.items():
+            rows.append([s, fi(med(x[1] for x in rs)), " / ".join(fi(x[1]) for x in rs), fi(med(x[2] for x in rs)),
+                         fr(med(num(x[3]["server_cores"]) for x in rs)), fi(med(num(x[3]["p99_us"]) for x in rs)),
+                         sum(int(num(x[3]["sock_errors"]) or 0) + int(num(x[3]["non2xx"]) or 0) for x in rs)])
+        txt += ["### 8.5 Cost: reuseport against C reuseport and nginx reuseport (wrk close, 2 workers)", "",
+                table(["server", "req/s", "each round", "req per server core-s", "server cores", "p99 us", "errors"], rows), ""]
+        h = by.get("hello-reuseport")
+        for ref in ("c-reuseport", "nginx-reuseport"):
+            if h and by.get(ref):
+                r1 = med(x[1] for x in h) / med(x[1] for x in by[ref])
+                e_h, e_r = med(x[2] for x in h), med(x[2] for x in by[ref])
+                r2 = e_h / e_r if e_h and e_r else None
+                txt += [f"hello-reuseport / {ref}: req/s **{fr(r1)}**, req per server core-s **{fr(r2)}**."]
+        txt += [""]
+    cs = read_tsv(base, "cost", "scale.tsv")
+    if cs:
+        per, rows = {}, []
+        for r in cs:
+            req, pn, tn = num(r["requests"]), num(r["primary_ns"]), num(r["tree_ns"])
+            us = pn / 1e3 / req if req and pn is not None else None
+            per[(r["impl"], int(r["workers"]))] = us
+            rows.append([r["impl"], r["workers"], fi(num(r["req_s"])), r["errors"], fr(us),
+                         fr(tn / 1e3 / req if req and tn is not None else None)])
+        txt += ["Primary CPU per connection (schedstat) by schedule and workers (wrk close load):", "",
+                table(["schedule", "workers", "conn/s", "errors", "primary us/conn", "server tree us/conn"], rows), ""]
+        ws = sorted({w for (_, w) in per})
+        lines = []
+        for w in ws:
+            rr = per.get(("hello-rr", w))
+            for impl in ("hello-lc", "hello-sticky"):
+                v = per.get((impl, w))
+                if rr and v:
+                    lines.append(f"{impl} / hello-rr at {w} workers: **{fr(v / rr)}**")
+        if len(ws) >= 2:
+            for impl in ("hello-rr", "hello-lc"):
+                a, b = per.get((impl, ws[0])), per.get((impl, ws[-1]))
+                if a and b:
+                    lines.append(f"{impl} {ws[-1]} / {ws[0]} workers: **{fr(b / a)}**")
+                    goal(f"primary CPU/conn {impl} {ws[-1]}/{ws[0]} workers", fr(b / a), "<= 1.2", b / a <= 1.2)
+        txt += ["; ".join(lines) + ".", ""]
+
+    ll = read_tsv(base, "l4l", "results.tsv")
+    if ll:
+        by = {}
+        for r in ll:
+            rps, cores = num(r["req_s"]), num(r["server_cores"])
+            by.setdefault(r["server"], {})[r["round"]] = (rps, rps / cores if rps and cores else None, r)
+        rows = []
+        for s, rs in by.items():
+            rows.append([s, fi(med(x[0] for x in rs.values())), " / ".join(fi(x[0]) for x in rs.values()),
+                         fi(med(x[1] for x in rs.values())), " / ".join(fi(x[1]) for x in rs.values()),
+                         " ; ".join(x[2].get("per_process_cores", "") for x in rs.values())])
+        txt += ["### 8.6 Like for like: hello rr --defer-accept 0 against C rr (close, alternating rounds)", "",
+                table(["server", "req/s", "each round", "req per server core-s", "each round",
+                       "per-process cores each round"], rows), ""]
+        h, c = by.get("hello-rr-nodefer"), by.get("c-rr")
+        if h and c:
+            rounds = sorted(set(h) & set(c))
+            rr_ = [h[k][0] / c[k][0] for k in rounds if h[k][0] and c[k][0]]
+            re_ = [h[k][1] / c[k][1] for k in rounds if h[k][1] and c[k][1]]
+            txt += [f"hello / C, per round: req/s {' / '.join(fr(x) for x in rr_)} (median **{fr(med(rr_))}**); "
+                    f"req per server core-s {' / '.join(fr(x) for x in re_)} (median **{fr(med(re_))}**).", ""]
+            if re_:
+                goal("hello rr nodefer / C rr, req per server core-s (median of rounds)", fr(med(re_)), ">= 0.9",
+                     med(re_) >= 0.9)
+    pf = read_tsv(base, "l4l", "perf.tsv")
+    if pf:
+        rows = []
+        for r in pf:
+            n = num(r["requests"])
+            rows.append([r["server"], r["role"], fi(n), fr(num(r["task_clock_ms"]) * 1e3 / n if n and num(r["task_clock_ms"]) else None),
+                         fr(num(r["context_switches"]) / n if n and num(r["context_switches"]) is not None else None),
+                         fr(num(r["cpu_migrations"]) / n if n and num(r["cpu_migrations"]) is not None else None)])
+        txt += ["perf stat per role (per request):", "",
+                table(["server", "role", "requests", "task-clock us/req", "context switches/req", "migrations/req"], rows), ""]
+
+    ch = read_tsv(base, "chaos", "chaos.tsv")
+    if ch:
+        rows = [[r["schedule"], fi(num(r["requests"])), f"**{r['failed']}**", r["kills"], r["detail"]] for r in ch]
+        for r in ch:
+            f = num(r["failed"])
+            goal(f"chaos.sh close, {r['schedule']}: failed requests", r["failed"], "0", None if f is None else f == 0)
+        txt += ["### 8.7 chaos.sh per schedule (MODE=close, SIGKILL of a random worker every 0.2 s)", "",
+                table(["schedule", "requests", "failed", "kills", "detail"], rows), ""]
+    sections.append("\n".join(txt))
+
+
+sched_section()
 
 # ---------------------------------------------------------------------------------------------
 meta = {}

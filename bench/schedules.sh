@@ -370,7 +370,8 @@ sched_chaos() {
       CONNS="$CONNS" timeout 300 "$here/chaos.sh"
     awk -v s="$s" '/^forkcluster hello/{printf "%s\t%s\t%s\t%s\t", s, $(NF-3), $(NF-2), $(NF-1); found=1}
       END{if(!found) printf "%s\tNA\tNA\tNA\t", s}' "$out" >> "$d/chaos.tsv"
-    (grep -oE 'hello: [0-9]+ requests, [0-9]+ failed.*' "$out" | tail -1 | sed 's/^hello: //'; echo) | head -1 >> "$d/chaos.tsv"
+    # wrk's socket errors and non-2xx, as chaos.sh logs them: "(Socket errors: ...;Non-2xx ...)"
+    (grep -E 'hello: [0-9]+ requests, [0-9]+ failed' "$out" | tail -1 | grep -oE '\(.*\)' | tr -d '()'; echo) | head -1 >> "$d/chaos.tsv"
     tail -1 "$d/chaos.tsv" >&2
   done
 }
