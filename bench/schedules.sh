@@ -162,7 +162,7 @@ sched_queue_one() {      # name label port
     [ -n "$victim" ] && kill -KILL "$victim" 2>/dev/null && echo "$(date +%s.%N) SIGKILL $victim" >> "$ev"
   done
   wait "$BG_PID"; BG_PID=""
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$(kv "$raw" requests)" "$(kv "$raw" ok)" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$(kv "$raw" requests)" "$(kv "$raw" ok)" \
     "$(kv "$raw" err_reset)" "$(kv "$raw" err_eof)" "$(kv "$raw" err_connect)" "$(kv "$raw" err_timeout)" \
     "$(kv "$raw" err_non200)" "$(kv "$raw" err_other)" "$(grep -c SIGHUP "$ev")" "$(grep -c SIGKILL "$ev")" \
     "$(queue_windows "$ev" "$d/requests-$s.txt")" >> "$d/queue.tsv"
