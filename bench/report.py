@@ -430,8 +430,8 @@ def sched_section():
                 goal("sticky: fraction on their old seat after the replacement listens", r["fraction"], "1.0",
                      num(r["fraction"]) >= 0.999)
         txt += ["### 8.4 Sticky: client IPs on their old seat across a worker's SIGKILL and replacement", "",
-                "1000 client IPs (127.x.y.z); the baseline pass gives each IP's seat (X-Seat; the worker id until "
-                "`Worker::seat()` exists, with the replacement's id mapped to the killed worker's). Then a pass of "
+                "1000 client IPs (127.x.y.z); the baseline pass gives each IP's seat (X-Seat: `Worker::seat`; with a "
+                "hello from before `seat()`, X-Seat was the worker id and the replacement's id is mapped to the killed one's). Then a pass of "
                 "3000 requests in another IP order across the kill (phases by completion time against the kill "
                 "and the replacement's `listening` line), and a new pass after it listens.", "",
                 table(["server", "phase", "requests", "same seat", "fraction", "note"], rows), ""]

@@ -12,8 +12,8 @@
 //!
 //! Bench options (bench/run.sh `schedules`; off by default, and then the request path is the
 //! same as without them): `--say-seat` adds `X-Worker: <id>` and `X-Seat: <seat>` headers to
-//! every response (the seat is the worker id until `Worker::seat()` exists); `--slow-ms MS`
-//! makes every request whose target starts with `/slow` block its worker for MS ms before the
+//! every response (`Worker::id` and `Worker::seat`: a replacement keeps the seat, not the id);
+//! `--slow-ms MS` makes every request whose target starts with `/slow` block its worker for MS ms before the
 //! answer (a slow handler); `--backlog N` sets the listen backlog (default 511).
 //!
 //! `--systemd`: serve the sockets systemd passes (socket activation, `LISTEN_FDS`) instead of
@@ -303,11 +303,10 @@ fn serve(mut worker: Worker, say_seat: bool, slow_ms: u64) -> forkcluster::Resul
     }
 }
 
-/// The worker's seat (its slot, which a replacement inherits), for `--say-seat`. Until the
-/// crate exposes `Worker::seat()` this is the worker id, and the bench maps a replacement's id
-/// to the seat of the worker it replaced (from the Exit/Fork order in the primary's log).
+/// The worker's seat (its place among the workers, which a replacement inherits), for
+/// `--say-seat`.
 fn seat(worker: &Worker) -> u32 {
-    worker.id()
+    worker.seat()
 }
 
 fn take_work(worker: &mut Worker, s: &mut Server, accepting: &mut bool) -> forkcluster::Result<()> {
