@@ -132,8 +132,12 @@ sched_even() {
     wait_procs "$procs" || log "$s: fewer than $procs processes"
     timeout 60 "$LOADGEN" -c "$CONNS" -d "$(dur_s "$WARMUP")" "$port" > /dev/null 2>&1
     raw=$d/loadgen-$s.txt
-    timeout 300 "$LOADGEN" -c "$CONNS" -d "$dur" -H X-Worker "$port" > "$raw" 2>&1
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$EVEN_WORKERS" "$(kv "$raw" requests)" "$(kv "$raw" rps)" \
+    # sticky maps a client IP to a seat: from one IP it serves from one worker (spilling over
+    # when that one's queue is full), so its load comes from STICKY_IPS addresses
+    local src=() label=$s
+    if [ "$s" = hello-sticky ]; then src=(-S "$STICKY_IPS"); label="$s ($STICKY_IPS IPs)"; fi
+    timeout 300 "$LOADGEN" -c "$CONNS" -d "$dur" "${src[@]}" -H X-Worker "$port" > "$raw" 2>&1
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$EVEN_WORKERS" "$(kv "$raw" requests)" "$(kv "$raw" rps)" \
       "$(kv "$raw" errors)" "$(awk '$1=="value"{printf "%s%s=%s", sep, $2, $3; sep=","}' "$raw")" >> "$d/even.tsv"
     tail -1 "$d/even.tsv" >&2
     stop_server
