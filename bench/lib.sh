@@ -79,7 +79,8 @@ pid_sched_ns() {
 tree_sched_ns() {
   local p files=()
   for p in "$@"; do files+=("/proc/$p/schedstat"); done
-  awk '{s += $1} END {printf "%d", s}' "${files[@]}" 2>/dev/null || echo 0
+  # %.0f: mawk clamps %d at 2^31-1 (2.1 s of CPU), which broke long runs
+  awk '{s += $1} END {printf "%.0f", s}' "${files[@]}" 2>/dev/null || echo 0
 }
 
 pid_threads() { awk '$1=="Threads:"{print $2}' "/proc/$1/status" 2>/dev/null; }
