@@ -2,7 +2,8 @@
 //! each answering `200` with `hello from worker <id> (pid <pid>)`.
 //!
 //! ```text
-//! cargo run --release --example hello -- [--listen ADDR] [--workers N] [--schedule rr|shared]
+//! cargo run --release --example hello -- [--listen ADDR] [--workers N]
+//!                                         [--schedule rr|shared|reuseport|lc|sticky]
 //!                                         [--max-requests N] [--hang-timeout SECS]
 //!                                         [--defer-accept SECS] [--systemd]
 //!                                         [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..]
@@ -10,11 +11,11 @@
 //!                                         [--say-seat] [--slow-ms MS]
 //! ```
 //!
-//! Bench options (bench/run.sh `schedules`; off by default, and then the request path is the
-//! same as without them): `--say-seat` adds `X-Worker: <id>` and `X-Seat: <seat>` headers to
+//! Bench options (bench/run.sh `schedules`; off by default, and then the request path has one
+//! more branch, never taken, and no other change): `--say-seat` adds `X-Worker: <id>` and `X-Seat: <seat>` headers to
 //! every response (`Worker::id` and `Worker::seat`: a replacement keeps the seat, not the id);
-//! `--slow-ms MS` makes every request whose target starts with `/slow` block its worker for MS ms before the
-//! answer (a slow handler); `--backlog N` sets the listen backlog (default 511).
+//! `--slow-ms MS` makes every request whose target starts with `/slow` block its worker for MS
+//! ms before the answer (a slow handler); `--backlog N` sets the listen backlog (default 511).
 //!
 //! `--systemd`: serve the sockets systemd passes (socket activation, `LISTEN_FDS`) instead of
 //! `--listen` (which stays the fallback when none is passed); under `Type=notify` the primary
@@ -70,7 +71,7 @@ struct Opts {
 fn usage(msg: &str) -> ! {
     eprintln!("hello: {msg}");
     eprintln!(
-        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N] [--backlog N] [--say-seat] [--slow-ms MS]"
+        "usage: hello [--listen ADDR] [--workers N] [--schedule rr|shared|reuseport|lc|sticky] [--max-requests N] [--hang-timeout SECS] [--defer-accept SECS] [--systemd] [--user NAME|UID] [--cpu-affinity auto|CPU,CPU,..] [--nofile N] [--backlog N] [--say-seat] [--slow-ms MS]"
     );
     std::process::exit(2)
 }
@@ -145,7 +146,9 @@ fn opts() -> Opts {
                 })
             }
             "--nofile" => o.nofile = Some(val().parse().unwrap_or_else(|_| usage("bad --nofile"))),
-            "--backlog" => o.backlog = Some(val().parse().unwrap_or_else(|_| usage("bad --backlog"))),
+            "--backlog" => {
+                o.backlog = Some(val().parse().unwrap_or_else(|_| usage("bad --backlog")))
+            }
             "--say-seat" => o.say_seat = true,
             "--slow-ms" => o.slow_ms = val().parse().unwrap_or_else(|_| usage("bad --slow-ms")),
             "-h" | "--help" => usage("help"),
