@@ -466,19 +466,25 @@ def sched_section():
             per[(r["impl"], int(r["workers"]))] = us
             rows.append([r["impl"], r["workers"], fi(num(r["req_s"])), r["errors"], fr(us),
                          fr(tn / 1e3 / req if req and tn is not None else None)])
-        txt += ["Primary CPU per connection (schedstat) by schedule and workers (wrk close load):", "",
+        txt += ["Primary CPU per connection (schedstat) by schedule and workers (wrk close load, one client IP; "
+                "`@Nips`: loadgen close load from N client IPs, since from one IP sticky serves from one seat):", "",
                 table(["schedule", "workers", "conn/s", "errors", "primary us/conn", "server tree us/conn"], rows), ""]
         ws = sorted({w for (_, w) in per})
         lines = []
+        ips = sorted({i.split("@", 1)[1] for (i, _) in per if "@" in i})
         for w in ws:
             rr = per.get(("hello-rr", w))
             for impl in ("hello-lc", "hello-sticky"):
                 v = per.get((impl, w))
                 if rr and v:
                     lines.append(f"{impl} / hello-rr at {w} workers: **{fr(v / rr)}**")
+            for sfx in ips:
+                rr, v = per.get((f"hello-rr@{sfx}", w)), per.get((f"hello-sticky@{sfx}", w))
+                if rr and v:
+                    lines.append(f"hello-sticky / hello-rr from {sfx} at {w} workers: **{fr(v / rr)}**")
         if len(ws) >= 2:
             for impl in ("hello-rr", "hello-lc"):
-                a, b = per.get((impl, ws[0])), per.get((impl, ws[-1]))
+                a, b = per.get((impl, ws[0])), per.get((impl, ws[-1]))  # wrk rows
                 if a and b:
                     lines.append(f"{impl} {ws[-1]} / {ws[0]} workers: **{fr(b / a)}**")
                     goal(f"primary CPU/conn {impl} {ws[-1]}/{ws[0]} workers", fr(b / a), "<= 1.2", b / a <= 1.2)

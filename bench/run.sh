@@ -23,7 +23,7 @@
 #             evenness over 8 workers, connections lost at restart, p99 under skewed work, sticky
 #             seats across a worker's death, cost, hello rr vs C rr like for like (+ strace,
 #             perf), chaos.sh per schedule. See bench/schedules.sh (SCHED_PARTS=...). Quick:
-#             SECTIONS=schedules DURATION=2s ROUNDS=1 bench/run.sh (~6 min on 2 cores)
+#             SECTIONS=schedules DURATION=2s ROUNDS=1 bench/run.sh (~4 min on 2 cores)
 #
 # Environment (defaults):
 #   DURATION=10s ROUNDS=2 CONNS=50 THREADS=1

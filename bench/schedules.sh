@@ -2,8 +2,8 @@
 # run.sh, which provides the server table (CMD), start_server/stop_server, the /proc readers,
 # $SCRATCH (the peers' copy, cwd), $OUT, $HELLO and the quick settings.
 #
-#   SECTIONS=schedules DURATION=2s ROUNDS=1 bench/run.sh     # quick, ~6 min on 2 cores
-#   SECTIONS=schedules bench/run.sh                          # DURATION=10s: ~20 min
+#   SECTIONS=schedules DURATION=2s ROUNDS=1 bench/run.sh     # quick, ~4 min on 2 cores
+#   SECTIONS=schedules bench/run.sh                          # DURATION=10s: ~13 min
 #
 # Parts (SCHED_PARTS, default all, in this order):
 #   even    8 workers, close load (loadgen -c$CONNS): each worker's share of the answers
@@ -16,7 +16,8 @@
 #           and after one worker is SIGKILLed and replaced
 #   cost    close load, 2 workers: reuseport vs C reuseport and nginx reuseport (req/s, req per
 #           server core-s, peers' run.sh, ROUNDS rounds); primary CPU per connection of rr, lc,
-#           sticky at SCHED_SCALE workers (scale_one)
+#           sticky at SCHED_SCALE workers (scale_one: wrk, one client IP), and rr and sticky
+#           again with loadgen from STICKY_IPS client IPs (from one IP sticky uses one seat)
 #   l4l     hello rr --defer-accept 0 vs C rr, $L4L_ROUNDS alternating rounds (peers' run.sh), then
 #           strace -c per process (section_syscalls) and, if perf works, perf stat of both
 #   chaos   bench/chaos.sh MODE=close for every schedule: failed requests under SIGKILLs
@@ -98,7 +99,6 @@ EOF
     || log "prefork_http_bl failed"
   CMD[queue-c-reuseport]="bin/prefork_http_bl reuseport {PORT} $QUEUE_WORKERS"
   CMD[queue-c-rr]="bin/prefork_http_bl rr {PORT} $QUEUE_WORKERS"
-  for s in $SCHEDULES; do CMD[queue-hello-$s]="${CMD[queue-hello-$s]}"; done
 }
 
 # wait until the server tree has at least N processes (20 s max)
@@ -315,11 +315,33 @@ sched_cost() {
       timeout 60 wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" -H 'Connection: close' "http://127.0.0.1:$port/" > /dev/null 2>&1
       sleep "$PAUSE"
       scale_one "hello-$impl" "$n" "$port"
+      # sticky maps client IPs to seats: from wrk's one IP every connection goes to one seat,
+      # so rr and sticky are measured again from STICKY_IPS addresses (loadgen)
+      if [ "$impl" != lc ]; then
+        sleep "$PAUSE"
+        cost_ips_one "hello-$impl@${STICKY_IPS}ips" "$n" "$port"
+      fi
       stop_server
       sleep "$PAUSE"
     done
   done
   SCALE_DIR=""
+}
+
+# scale_one's row, measured with loadgen from STICKY_IPS client addresses
+cost_ips_one() {         # impl workers port
+  local impl=$1 n=$2 port=$3 d=$SCALE_DIR raw pids pt0 pt1 pn0 pn1 s0 s1 t0 t1
+  raw=$d/loadgen-$impl-$n.txt
+  pids=$(tree_pids "$SERVER_PID")
+  s0=$(tree_sched_ns $pids)
+  pt0=$(pid_ticks "$SERVER_PID"); pn0=$(pid_sched_ns "$SERVER_PID"); t0=$(date +%s.%N)
+  timeout 300 "$LOADGEN" -c "$CONNS" -d "$dur" -S "$STICKY_IPS" "$port" > "$raw" 2>&1
+  t1=$(date +%s.%N); pt1=$(pid_ticks "$SERVER_PID"); pn1=$(pid_sched_ns "$SERVER_PID")
+  s1=$(tree_sched_ns $pids)
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$impl" "$n" "$(kv "$raw" rps)" "$(kv "$raw" ok)" \
+    "$(kv "$raw" fast_p50_us)" "$(kv "$raw" fast_p99_us)" "$(kv "$raw" errors)" "$((pt1 - pt0))" "$((pn1 - pn0))" \
+    "$((s1 - s0))" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')" "$(echo "$pids" | wc -w)" >> "$d/scale.tsv"
+  tail -1 "$d/scale.tsv" >&2
 }
 
 # ---------------------------------------------------------------------------------------------
