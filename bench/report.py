@@ -426,6 +426,10 @@ def sched_section():
             if r["server"] == "hello-sticky" and r["phase"] == "during" and num(r["fraction"]) is not None:
                 goal("sticky: fraction of IPs on their old seat while one of 8 is replaced", r["fraction"], ">= 0.875",
                      num(r["fraction"]) >= 0.875)
+            if r["server"] == "hello-sticky" and r["phase"].startswith("during, IPs of the live") \
+                    and num(r["fraction"]) is not None:
+                goal("sticky: same, the live seats' IPs (the dead seat's must move)", r["fraction"], "1.0",
+                     num(r["fraction"]) >= 0.999)
             if r["server"] == "hello-sticky" and r["phase"] == "after (new pass)" and num(r["fraction"]) is not None:
                 goal("sticky: fraction on their old seat after the replacement listens", r["fraction"], "1.0",
                      num(r["fraction"]) >= 0.999)

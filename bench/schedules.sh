@@ -284,8 +284,23 @@ def frac(rows, phase, note=""):
 run = load(f"{d}/run-{s}.txt")
 frac([r for r in run if r[0] < tkill], "before-kill")
 end = tlisten if tlisten else float("inf")
-frac([r for r in run if tkill <= r[0] < end], "during",
+during = [r for r in run if tkill <= r[0] < end]
+frac(during, "during",
      f"kill->replacement listening {((tlisten - tkill) * 1e3):.1f} ms" if tlisten else "no replacement seen")
+# The dead seat's IPs have to move while it is empty (1/8 of them on average, by the hash), so
+# "during" is about 7/8 by construction; what sticky promises is that the other seats' IPs stay.
+# The dead seat is the baseline seat that answers (almost) nothing during the window (a few
+# answers it sent just before it died can complete after the kill's time stamp).
+cnt = {v: 0 for v in set(base.values())}
+for _, _, v in during:
+    if alias.get(v, v) in cnt:
+        cnt[alias.get(v, v)] += 1
+d0 = min(cnt, key=cnt.get) if cnt else None
+if during and d0 is not None and cnt[d0] <= 0.1 * len(during) / len(cnt):
+    n_dead = sum(1 for v in base.values() if v == d0)
+    frac([r for r in during if base.get(r[1]) != d0], "during, IPs of the live seats",
+         f"dead seat {d0} had {n_dead} of {len(base)} IPs: 'during' is expected near {1 - n_dead / len(base):.3f}")
+
 frac([r for r in run if r[0] >= end], "after-listening (same pass)")
 frac(load(f"{d}/after-{s}.txt"), "after (new pass)", f"killed id {vid}, replacement id {newid or '?'}")
 PY
