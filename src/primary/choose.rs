@@ -7,13 +7,11 @@
 //! what the primary handed it (plus, where workers accept, what it accepted) less what it
 //! closed: the last two are words of its shared page, read with no system call.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use super::dispatch::Queued;
-use super::table::watch;
 use super::Primary;
-use crate::frame::{Frame, Kind};
 use crate::settings::Schedule;
 
 impl Primary {
@@ -88,7 +86,7 @@ impl Primary {
     /// cannot take the connection leaves the set and the choice is made again.
     pub(super) fn dispatch_chosen(
         &mut self,
-        fd: OwnedFd,
+        mut fd: OwnedFd,
         li: u16,
         key: u64,
     ) -> core::result::Result<(), Queued> {
@@ -110,33 +108,12 @@ impl Primary {
                 self.hold_back(slot);
                 continue;
             }
-            let Some(w) = self.table.get_gen(slot, gen) else {
-                continue;
-            };
-            let Some(chan) = w.chan.as_ref() else {
-                w.in_ready = false;
-                self.dispatch.dense.remove(slot);
-                continue;
-            };
-            self.seq = self.seq.wrapping_add(1);
-            let idx = li.to_le_bytes();
-            match chan.try_send(&Frame::new(Kind::Connection, self.seq, &idx), &[fd.as_fd()]) {
-                Ok(()) => {
-                    drop(fd);
-                    w.dispatched += 1;
-                    self.events.stats.connections += 1;
-                    if w.dispatched == w.max_conns {
-                        self.dispatch.due.push(slot);
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
-                    w.in_ready = false;
-                    if e.is_would_block() {
-                        w.blocked = true;
-                        watch(self.epoll.as_ref(), chan, slot, gen, true);
-                    } else {
-                        let _ = self.dispatch.broken.try_push((slot, gen, e));
+            match self.hand_over(slot, gen, fd, li) {
+                Ok(()) => return Ok(()),
+                Err(back) => {
+                    fd = back;
+                    if let Some(w) = self.table.get_mut(slot) {
+                        w.in_ready = false;
                     }
                     self.dispatch.dense.remove(slot);
                 }

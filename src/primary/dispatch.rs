@@ -267,7 +267,7 @@ impl Primary {
     }
 
     /// Hands `fd` to the next ready worker; gives it back when none can take it.
-    fn dispatch(&mut self, fd: OwnedFd, li: u16, key: u64) -> core::result::Result<(), Queued> {
+    fn dispatch(&mut self, mut fd: OwnedFd, li: u16, key: u64) -> core::result::Result<(), Queued> {
         if self.dispatch.chosen {
             return self.dispatch_chosen(fd, li, key);
         }
@@ -288,43 +288,66 @@ impl Primary {
                 self.hold_back(slot);
                 continue;
             }
-            let Some(w) = self.table.get_gen(slot, gen) else {
-                continue;
-            };
-            let Some(chan) = w.chan.as_ref() else {
-                continue;
-            };
-            self.seq = self.seq.wrapping_add(1);
-            let idx = li.to_le_bytes();
-            match chan.try_send(&Frame::new(Kind::Connection, self.seq, &idx), &[fd.as_fd()]) {
+            match self.hand_over(slot, gen, fd, li) {
                 Ok(()) => {
-                    drop(fd);
-                    w.dispatched += 1;
-                    self.events.stats.connections += 1;
-                    if w.dispatched == w.max_conns {
-                        self.dispatch.due.push(slot);
-                    }
-                    if w.state == State::Listening && (!w.leaving || w.disconnect_pending) {
-                        // Its own entry was just taken: there is room for it.
-                        w.in_ready = self.dispatch.ready.push(slot, gen, stamp);
+                    if let Some(w) = self.table.get_mut(slot) {
+                        if w.state == State::Listening && (!w.leaving || w.disconnect_pending) {
+                            // Its own entry was just taken: there is room for it.
+                            w.in_ready = self.dispatch.ready.push(slot, gen, stamp);
+                        }
                     }
                     return Ok(());
                 }
-                // Its queue holds as much as the in-flight bound allows: no more work for it until
-                // it reads some (EPOLLOUT on its channel).
-                Err(e) if e.is_would_block() => {
-                    w.blocked = true;
-                    watch(self.epoll.as_ref(), chan, slot, gen, true);
-                }
-                // Anything else (EPIPE: the worker shut its channel down for reading) means its
-                // channel cannot take hand-offs: a protocol error, handled after this dispatch.
-                Err(e) => {
-                    // (With the list full it stays out of the ready set, unreported.)
-                    let _ = self.dispatch.broken.try_push((slot, gen, e));
-                }
+                // Out of the ring already (its entry was taken): the next one is tried.
+                Err(back) => fd = back,
             }
         }
         Err((fd, li, key))
+    }
+
+    /// Sends `fd` to the worker in `slot` (at generation `gen`): counted, and due for recycling
+    /// at its limit. `Err(fd)` when it cannot take it: its queue holds as much as the in-flight
+    /// bound allows (it is marked blocked and gets work again on EPOLLOUT), its channel is
+    /// gone, or the channel refused with an error other than `EAGAIN` (EPIPE: the worker shut
+    /// it down for reading; a protocol error, handled after this dispatch). The caller takes
+    /// it out of its ready set.
+    #[inline]
+    pub(super) fn hand_over(
+        &mut self,
+        slot: usize,
+        gen: u32,
+        fd: OwnedFd,
+        li: u16,
+    ) -> core::result::Result<(), OwnedFd> {
+        let Some(w) = self.table.get_gen(slot, gen) else {
+            return Err(fd);
+        };
+        let Some(chan) = w.chan.as_ref() else {
+            return Err(fd);
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let idx = li.to_le_bytes();
+        match chan.try_send(&Frame::new(Kind::Connection, self.seq, &idx), &[fd.as_fd()]) {
+            Ok(()) => {
+                drop(fd);
+                w.dispatched += 1;
+                self.events.stats.connections += 1;
+                if w.dispatched == w.max_conns {
+                    self.dispatch.due.push(slot);
+                }
+                Ok(())
+            }
+            Err(e) if e.is_would_block() => {
+                w.blocked = true;
+                watch(self.epoll.as_ref(), chan, slot, gen, true);
+                Err(fd)
+            }
+            Err(e) => {
+                // (With the list full it stays out of the ready set, unreported.)
+                let _ = self.dispatch.broken.try_push((slot, gen, e));
+                Err(fd)
+            }
+        }
     }
 
     /// The worker's queue drained below the bound.
