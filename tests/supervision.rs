@@ -1052,13 +1052,30 @@ fn max_requests_recycles_without_failures() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let recycles = p.ev.count("recycle");
+    // The rule, whatever the machine's speed: every worker that served more than
+    // `max_requests` plus its jitter (60) was recycled. (How many recycles 500 connections
+    // make depends on how long a replacement takes to listen: the old worker serves until
+    // then. Under qemu-user that is tens of milliseconds, and the count drops.)
+    let recycled: std::collections::BTreeSet<i64> =
+        p.ev.of("recycle").iter().map(|e| e.a[0]).collect();
+    let mut served: std::collections::BTreeMap<i64, usize> = Default::default();
+    for e in p.ev.of("w_request") {
+        *served.entry(e.a[0]).or_default() += 1;
+    }
+    for (id, n) in &served {
+        assert!(
+            *n <= 60 || recycled.contains(id),
+            "worker {id} served {n} and was not recycled:\n{}",
+            p.ev.dump()
+        );
+    }
     assert!(
-        recycles >= 5,
-        "{recycles} recycles for 500 connections:\n{}",
+        recycled.len() >= 2,
+        "{} recycles for 500 connections:\n{}",
+        recycled.len(),
         p.ev.dump()
     );
-    assert!(pids.len() >= 5, "served by {pids:?}");
+    assert!(pids.len() >= 3, "served by {pids:?}");
     assert!(
         first.iter().all(|&p| !alive(p)),
         "first workers {first:?} still alive"
